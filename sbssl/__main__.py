@@ -1,0 +1,3 @@
+from sbssl.cli import main
+
+raise SystemExit(main())
