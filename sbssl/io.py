@@ -40,3 +40,32 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON atomically (byte-identical for equal objects)."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def job_log(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Send a workflow job's prints, warnings, logging and any traceback to its log file.
+
+    The traceback is written to the log and the exception re-raised, so Snakemake still marks the job
+    failed and the log says why.
+    """
+    import logging
+    import sys
+    import traceback
+
+    log_path = Path(path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as handle:
+        handler = logging.StreamHandler(handle)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        try:
+            with contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+                yield
+        except BaseException:
+            handle.write(traceback.format_exc())
+            raise
+        finally:
+            root.removeHandler(handler)

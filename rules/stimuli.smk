@@ -1,0 +1,42 @@
+# Stage 1: the images. Generated (demo), downloaded (ieat) or a local copy, then one manifest row
+# per file with its sha256, so an image that sits in several concept folders is embedded once.
+
+
+rule demo_stimuli:
+    output:
+        directory(f"{R}/stimuli/demo"),
+    params:
+        images_per_concept=config["demo_images_per_concept"],
+    log:
+        f"{R}/logs/stimuli/demo_stimuli.log",
+    script:
+        "../scripts/demo_stimuli.py"
+
+
+rule fetch_stimuli:
+    output:
+        directory(f"{R}/stimuli/ieat"),
+    params:
+        download=config["stimuli_download"],
+    log:
+        f"{R}/logs/stimuli/fetch_stimuli.log",
+    retries: 2
+    script:
+        "../scripts/fetch_stimuli.py"
+
+
+rule stimuli_manifest:
+    input:
+        stimuli=stimuli_input(),
+        catalogue=config["catalogue"],
+    output:
+        MANIFEST,
+    params:
+        root=stimuli_root(),
+        skip_bad=config["skip_bad_images"],
+    log:
+        f"{R}/logs/stimuli/manifest.log",
+    benchmark:
+        f"{R}/benchmarks/stimuli_manifest.tsv"
+    script:
+        "../scripts/stimuli_manifest.py"

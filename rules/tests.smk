@@ -1,0 +1,53 @@
+# Stage 4: one permutation test per (model, layer, test, seed), then the per-test table.
+# About 10,500 jobs in the full study: the job body runs in the Snakemake process (`run:` with
+# force-use-threads in profiles/default) and reads the similarity matrix through an in-process cache,
+# so a job costs milliseconds instead of a Python start-up (benchmarks/bench_dag.py measures it).
+
+
+rule association_test:
+    input:
+        similarity=f"{R}/similarity/{{model}}/{{layer}}.h5",
+        manifest=MANIFEST,
+    output:
+        f"{R}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
+    params:
+        test=test_definition,
+        family=model_family,
+        permutations=config["permutations"],
+        alternative=config["alternative"],
+    resources:
+        mem_mb=500,
+        runtime=5,
+    log:
+        f"{R}/logs/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.log",
+    run:
+        from sbssl.runner import record_association_test
+
+        record_association_test(
+            input.similarity,
+            input.manifest,
+            params.test,
+            output[0],
+            log[0],
+            model=wildcards.model,
+            family=params.family,
+            layer=wildcards.layer,
+            seed=int(wildcards.seed),
+            permutations=params.permutations,
+            alternative=params.alternative,
+        )
+
+
+rule tests_table:
+    input:
+        test_results(R, MODELS, TESTS),
+    output:
+        report(
+            f"{R}/tables/tests.csv",
+            caption="report/tests_table.rst",
+            category="Tables",
+        ),
+    log:
+        f"{R}/logs/tables/tests.log",
+    script:
+        "../scripts/tests_table.py"

@@ -1,0 +1,160 @@
+"""One association test of the DAG, run from a cached similarity matrix, and the per-test table.
+
+The permutation stage has about 10,500 jobs in the full study, so a job must be cheap: it reads the
+(model, layer) similarity matrix and the stimuli manifest through a small in-process cache (the
+workflow runs these jobs as threads of one Snakemake process) and never imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from sbssl.io import write_json_atomic, write_text_atomic
+from sbssl.similarity import SimilarityMatrix, read_similarity
+from sbssl.stats import association_test_from_similarity
+from sbssl.stimuli import concept_images, read_manifest
+
+#: Columns of the per-test table (results/tables/tests.csv), in order.
+TESTS_TABLE_COLUMNS: tuple[str, ...] = (
+    "model", "family", "layer", "test", "title", "group", "seed", "statistic", "d", "p", "exact",
+    "n_permutations", "p_floor", "alternative", "preprocessing", "pooling", "n_x", "n_y", "n_a", "n_b",
+)
+
+
+def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """Cache key that changes whenever the file is rewritten."""
+    stat = os.stat(path)
+    return (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_similarity(key: tuple[str, int, int]) -> tuple[SimilarityMatrix, dict[str, int]]:
+    similarity = read_similarity(key[0])
+    return similarity, {sha: i for i, sha in enumerate(similarity.sha256)}
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_manifest(key: tuple[str, int, int]) -> pd.DataFrame:
+    return read_manifest(key[0])
+
+
+def concept_indices(
+    manifest: pd.DataFrame, rows: Mapping[str, int], concept: str, *, role: str, source: str
+) -> np.ndarray:
+    """Row indices into the similarity matrix of every usable image of ``concept`` (one per file).
+
+    ``role`` (X, Y, A or B) and ``source`` (the similarity file) only make errors precise.
+    """
+    shas = concept_images(manifest, concept)
+    if not shas:
+        raise ValueError(f"{role} = {concept!r} has no usable images in the stimuli manifest; check the folder")
+    missing = [sha for sha in shas if sha not in rows]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} image(s) of {role} = {concept!r} are not in {source} (first sha256 {missing[0][:12]}); "
+            "the similarity file is older than the manifest: rerun its embedding job"
+        )
+    return np.fromiter((rows[sha] for sha in shas), dtype=np.intp, count=len(shas))
+
+
+def run_association_test(
+    similarity_path: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str],
+    test: Mapping[str, Any],
+    *,
+    model: str,
+    family: str,
+    layer: str,
+    seed: int,
+    permutations: int,
+    alternative: str = "greater",
+) -> dict[str, Any]:
+    """Run one catalogue test on one (model, layer) similarity matrix; return one tests.csv row as a dict.
+
+    ``test`` is a catalogue entry (keys id, title, group, x, y, a, b). The keys of the result are
+    :data:`TESTS_TABLE_COLUMNS`; ``d`` is the effect size, ``p`` the permutation p-value.
+    """
+    similarity, rows = _cached_similarity(_file_key(similarity_path))
+    manifest = _cached_manifest(_file_key(manifest_path))
+    source = str(similarity_path)
+    idx = {
+        role: concept_indices(manifest, rows, test[role.lower()], role=role, source=source)
+        for role in ("X", "Y", "A", "B")
+    }
+    result = association_test_from_similarity(
+        similarity.matrix, idx["X"], idx["Y"], idx["A"], idx["B"],
+        permutations=permutations, seed=seed, alternative=alternative,
+    )
+    return {
+        "model": model,
+        "family": family,
+        "layer": layer,
+        "test": test["id"],
+        "title": test["title"],
+        "group": test["group"],
+        "seed": seed,
+        "statistic": result.statistic,
+        "d": result.effect_size,
+        "p": result.p_value,
+        "exact": result.exact,
+        "n_permutations": result.n_permutations,
+        "p_floor": result.p_floor,
+        "alternative": result.alternative,
+        "preprocessing": similarity.attrs.get("preprocessing", ""),
+        "pooling": similarity.attrs.get("pooling", ""),
+        "n_x": result.n_x,
+        "n_y": result.n_y,
+        "n_a": result.n_a,
+        "n_b": result.n_b,
+    }
+
+
+def tests_table(result_paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
+    """Concatenate per-job result JSON files into the per-test table (columns :data:`TESTS_TABLE_COLUMNS`).
+
+    Rows are sorted by model, layer, test and seed so the table is byte-identical however the jobs ran.
+    """
+    records = []
+    for path in result_paths:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+        missing = [c for c in TESTS_TABLE_COLUMNS if c not in record]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}; it was written by another version: delete it and rerun")
+        records.append(record)
+    table = pd.DataFrame.from_records(records, columns=list(TESTS_TABLE_COLUMNS))
+    return table.sort_values(["model", "layer", "test", "seed"], kind="stable").reset_index(drop=True)
+
+
+def record_association_test(
+    similarity_path: str | os.PathLike[str],
+    manifest_path: str | os.PathLike[str],
+    test: Mapping[str, Any],
+    out_path: str | os.PathLike[str],
+    log_path: str | os.PathLike[str],
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The workflow job: :func:`run_association_test`, its row written atomically as JSON, one log line.
+
+    Runs inside the Snakemake process (as a thread), so it must not redirect the process-wide
+    stdout/stderr the way script jobs do; it writes its own log file instead.
+    """
+    try:
+        row = run_association_test(similarity_path, manifest_path, test, **kwargs)
+    except Exception as exc:
+        write_text_atomic(log_path, f"failed: {type(exc).__name__}: {exc}\n")
+        raise
+    write_json_atomic(out_path, row)
+    write_text_atomic(
+        log_path,
+        f"{row['model']} {row['layer']} {row['test']} seed={row['seed']}: "
+        f"d={row['d']:.6g} p={row['p']:.6g} exact={row['exact']} n_permutations={row['n_permutations']}\n",
+    )
+    return row
