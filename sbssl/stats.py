@@ -1,0 +1,396 @@
+"""Embedding association tests (iEAT / WEAT): statistic, effect size, permutation p-value, bootstrap CI.
+
+Definitions (Caliskan et al. 2017; Steed & Caliskan 2021), for target sets X, Y and attribute sets A, B:
+
+- ``s(w, A, B) = mean_{a in A} cos(w, a) - mean_{b in B} cos(w, b)`` for every target image w.
+- statistic ``= sum_{x in X} s(x) - sum_{y in Y} s(y)``.
+- effect size ``d = (mean_X s - mean_Y s) / std_{w in X u Y} s(w)`` with ``ddof=1``.
+- p-value: permutation test over the splits of ``X u Y`` into a part of size |X| and a part of size |Y|.
+  Because ``sum_X' s + sum_Y' s`` is the same for every split, ranking splits by ``sum_X' s`` ranks them
+  by the statistic, so only ``sum_X' s`` is computed. Upper tail (``alternative="greater"``): the share
+  of splits whose ``sum_X' s`` is >= the observed one. Exact enumeration of all ``C(|X|+|Y|, |X|)``
+  splits when that number is <= ``permutations``; otherwise Monte Carlo: the observed split plus
+  ``permutations - 1`` uniformly random splits from ``numpy.random.default_rng(seed)``,
+  ``p = (1 + hits) / permutations``. This is the reference iEAT definition at ``permutations=10_000``.
+
+Floating-point ties: the same split summed in a different order can differ from the observed sum by a
+few ulps, so a plain ``>=`` would count or miss true ties (repeated images, the observed split itself)
+by chance. A split is counted as a tie, and so as a hit, when its sum lies within a rigorous bound of
+the summation rounding error, ``_tie_tolerance`` (a few hundred ulps of ``sum |s|``, about 1e-14 for
+iEAT data). Genuinely different splits are many orders of magnitude further apart, so this only
+decides true ties, always in the conservative direction (as the reference's ``si == s`` branch intends).
+
+Two entry points share one core: :func:`association_test` (raw embeddings, cosine computed in float64)
+and :func:`association_test_from_similarity` (index arrays into a precomputed cosine-similarity matrix;
+what the workflow uses). Nothing loops in Python per permutation: splits are generated in chunks
+(``itertools.combinations`` consumed by ``numpy.fromiter``, or ``Generator.permuted``) and summed with
+numpy, so memory stays bounded (``_CHUNK_ELEMENTS``) and the same seed gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+ALTERNATIVES = ("greater", "less", "two-sided")
+ADJUST_METHODS = {
+    "holm": "holm",
+    "bonferroni": "bonferroni",
+    "bh": "fdr_bh",
+    "fdr_bh": "fdr_bh",
+    "by": "fdr_by",
+    "fdr_by": "fdr_by",
+}
+# Split indices per chunk (2^20 int64 = 8 MiB, plus the gathered float64 copy).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class AssociationResult:
+    """Outcome of one association test.
+
+    statistic: sum_X s - sum_Y s (cosine units). effect_size: d (dimensionless; NaN when every s(w) is equal).
+    p_value: permutation p for ``alternative``. n_permutations: splits evaluated (all of them when exact).
+    exact: whether every split was enumerated. p_floor: smallest p this design can produce.
+    n_x, n_y, n_a, n_b: set sizes (repeated images counted each time).
+    """
+
+    statistic: float
+    effect_size: float
+    p_value: float
+    n_permutations: int
+    exact: bool
+    p_floor: float
+    alternative: str
+    n_x: int
+    n_y: int
+    n_a: int
+    n_b: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EffectSizeCI:
+    """Percentile bootstrap confidence interval for d (``low``, ``high``) and how it was made.
+
+    n_valid: replicates with a finite d (a replicate whose resampled targets all have the same s is undefined).
+    """
+
+    low: float
+    high: float
+    confidence: float
+    n_boot: int
+    n_valid: int
+    seed: int
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _as_embeddings(name: str, arr: Any, dim: int | None = None) -> np.ndarray:
+    """(n, D) float64 copy of one set of embeddings, or ValueError naming the set."""
+    try:
+        out = np.array(arr, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: not a numeric array ({exc})") from None
+    if out.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array (images x dimensions), got shape {out.shape}")
+    if out.shape[0] == 0:
+        raise ValueError(f"{name}: empty set, need at least one image")
+    if out.shape[1] == 0:
+        raise ValueError(f"{name}: embeddings have zero dimensions")
+    if dim is not None and out.shape[1] != dim:
+        raise ValueError(f"{name}: dimension {out.shape[1]} does not match X's dimension {dim}")
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{name}: NaN or inf in row(s) {np.flatnonzero(bad).tolist()}")
+    norms = np.linalg.norm(out, axis=1)
+    if (norms == 0).any():
+        raise ValueError(f"{name}: zero vector(s) in row(s) {np.flatnonzero(norms == 0).tolist()} (cosine undefined)")
+    return out / norms[:, None]
+
+
+def _as_indices(name: str, idx: Any, n: int) -> np.ndarray:
+    """1-D intp index array into a matrix with ``n`` rows, or ValueError naming the set."""
+    out = np.asarray(idx)
+    if out.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array of indices, got shape {out.shape}")
+    if out.size == 0:
+        raise ValueError(f"{name}: empty set, need at least one image")
+    if not np.issubdtype(out.dtype, np.integer):
+        raise ValueError(f"{name}: indices must be integers, got dtype {out.dtype}")
+    if out.min() < 0 or out.max() >= n:
+        raise ValueError(f"{name}: index out of range [0, {n}) (min {out.min()}, max {out.max()})")
+    return out.astype(np.intp)
+
+
+def _check_options(permutations: int, seed: int, alternative: str) -> None:
+    if isinstance(permutations, bool) or not isinstance(permutations, (int, np.integer)) or permutations < 1:
+        raise ValueError(f"permutations must be a positive integer, got {permutations!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer (for reproducible results), got {seed!r}")
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
+
+
+def _check_block(name: str, block: np.ndarray) -> None:
+    if not np.isfinite(block).all():
+        rows = np.flatnonzero(~np.isfinite(block).all(axis=1)).tolist()
+        raise ValueError(f"similarity: NaN or inf between the targets and {name} (target rows {rows})")
+
+
+# --------------------------------------------------------------------------- core
+
+
+def _scores(sim_ta: np.ndarray, sim_tb: np.ndarray) -> np.ndarray:
+    """s(w, A, B) for every target row: (n_targets,) from (n_targets, n_a) and (n_targets, n_b) cosines."""
+    return sim_ta.mean(axis=1) - sim_tb.mean(axis=1)
+
+
+def _effect_size(s: np.ndarray, n_x: int) -> float:
+    std = s.std(ddof=1)
+    if std == 0:
+        return math.nan
+    return float((s[:n_x].mean() - s[n_x:].mean()) / std)
+
+
+def _tie_tolerance(s: np.ndarray) -> float:
+    """Bound on the rounding error between two summation orders of the same split.
+
+    Each of the two sums of at most n terms errs by at most (n - 1) eps sum|s|; a factor of 4 on top
+    absorbs the pairwise/BLAS orderings numpy may use.
+    """
+    return 8.0 * s.size * np.finfo(np.float64).eps * float(np.abs(s).sum())
+
+
+def _exact_split_sums(s: np.ndarray, n_x: int) -> Iterator[np.ndarray]:
+    """sum_X' s for every split, in ``itertools.combinations`` order (the first one is the observed split)."""
+    combos = itertools.combinations(range(s.size), n_x)
+    rows = max(1, _CHUNK_ELEMENTS // n_x)
+    while True:
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.islice(combos, rows)), dtype=np.intp)
+        if flat.size == 0:
+            return
+        yield s[flat.reshape(-1, n_x)].sum(axis=1)
+
+
+def _random_split_sums(s: np.ndarray, n_x: int, count: int, seed: int) -> Iterator[np.ndarray]:
+    """sum_X' s for ``count`` uniform random splits: row-wise shuffles of 0..n-1 from default_rng(seed).
+
+    ``Generator.permuted`` shuffles rows one after another from one stream, so the draws equal
+    ``count`` successive ``rng.permutation(n)`` calls whatever the chunk size.
+    """
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK_ELEMENTS // s.size)
+    base = np.arange(s.size, dtype=np.intp)
+    done = 0
+    while done < count:
+        m = min(rows, count - done)
+        perms = rng.permuted(np.tile(base, (m, 1)), axis=1)
+        yield s[perms[:, :n_x]].sum(axis=1)
+        done += m
+
+
+def _permutation_p(
+    s: np.ndarray, n_x: int, permutations: int, seed: int, alternative: str
+) -> tuple[float, int, bool, float]:
+    """(p_value, n_permutations, exact, p_floor) for target scores ``s`` whose first ``n_x`` entries are X."""
+    n_splits = math.comb(s.size, n_x)
+    exact = n_splits <= permutations
+    observed = s[np.arange(n_x)[None, :]].sum(axis=1)[0]
+    tol = _tie_tolerance(s)
+    if exact:
+        sums = _exact_split_sums(s, n_x)
+        total, ge, le = 0, 0, 0
+    else:
+        sums = _random_split_sums(s, n_x, permutations - 1, seed)
+        total, ge, le = 1, 1, 1  # the observed split
+    for chunk in sums:
+        total += chunk.size
+        ge += int(np.count_nonzero(chunk >= observed - tol))
+        le += int(np.count_nonzero(chunk <= observed + tol))
+    p_greater, p_less = ge / total, le / total
+    if alternative == "greater":
+        p, floor = p_greater, 1 / total
+    elif alternative == "less":
+        p, floor = p_less, 1 / total
+    else:
+        p, floor = min(1.0, 2 * min(p_greater, p_less)), min(1.0, 2 / total)
+    return p, total, exact, floor
+
+
+def _test_from_blocks(
+    sim_ta: np.ndarray, sim_tb: np.ndarray, n_x: int, permutations: int, seed: int, alternative: str
+) -> AssociationResult:
+    s = _scores(sim_ta, sim_tb)
+    p, total, exact, floor = _permutation_p(s, n_x, permutations, seed, alternative)
+    return AssociationResult(
+        statistic=float(s[:n_x].sum() - s[n_x:].sum()),
+        effect_size=_effect_size(s, n_x),
+        p_value=float(p),
+        n_permutations=int(total),
+        exact=bool(exact),
+        p_floor=float(floor),
+        alternative=alternative,
+        n_x=int(n_x),
+        n_y=int(s.size - n_x),
+        n_a=int(sim_ta.shape[1]),
+        n_b=int(sim_tb.shape[1]),
+    )
+
+
+def _blocks_from_embeddings(X: Any, Y: Any, A: Any, B: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """Cosine blocks (targets x A, targets x B) in float64 from raw embeddings; targets = X then Y."""
+    x = _as_embeddings("X", X)
+    dim = x.shape[1]
+    y, a, b = (_as_embeddings(name, arr, dim) for name, arr in (("Y", Y), ("A", A), ("B", B)))
+    targets = np.concatenate([x, y])
+    return targets @ a.T, targets @ b.T, x.shape[0]
+
+
+def _blocks_from_similarity(
+    similarity: Any, x: Any, y: Any, a: Any, b: Any
+) -> tuple[np.ndarray, np.ndarray, int]:
+    sim = np.asarray(similarity)
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"similarity: expected a square 2-D matrix, got shape {sim.shape}")
+    n = sim.shape[0]
+    xi, yi, ai, bi = (_as_indices(name, idx, n) for name, idx in (("X", x), ("Y", y), ("A", a), ("B", b)))
+    targets = np.concatenate([xi, yi])
+    sim_ta = np.asarray(sim[np.ix_(targets, ai)], dtype=np.float64)
+    sim_tb = np.asarray(sim[np.ix_(targets, bi)], dtype=np.float64)
+    _check_block("A", sim_ta)
+    _check_block("B", sim_tb)
+    return sim_ta, sim_tb, xi.size
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def association_test(
+    X: Any,
+    Y: Any,
+    A: Any,
+    B: Any,
+    *,
+    permutations: int = 10_000,
+    seed: int = 0,
+    alternative: str = "greater",
+) -> AssociationResult:
+    """Association test on raw embeddings: X (n_x, D), Y (n_y, D), A (n_a, D), B (n_b, D), rows = images.
+
+    Cosine similarities are computed in float64. See the module docstring for the definitions,
+    the exact/Monte Carlo rule and the treatment of floating-point ties.
+    Raises ValueError naming the set for empty sets, mismatched dimensions, NaN/inf or zero vectors.
+    """
+    _check_options(permutations, seed, alternative)
+    sim_ta, sim_tb, n_x = _blocks_from_embeddings(X, Y, A, B)
+    return _test_from_blocks(sim_ta, sim_tb, n_x, permutations, seed, alternative)
+
+
+def association_test_from_similarity(
+    similarity: Any,
+    x: Any,
+    y: Any,
+    a: Any,
+    b: Any,
+    *,
+    permutations: int = 10_000,
+    seed: int = 0,
+    alternative: str = "greater",
+) -> AssociationResult:
+    """Association test on a precomputed (n, n) cosine-similarity matrix.
+
+    x, y, a, b: 1-D integer index arrays into the matrix (an index may repeat, e.g. an image used in two
+    folders). Only the target-by-attribute blocks are read (and checked for NaN/inf).
+    """
+    _check_options(permutations, seed, alternative)
+    sim_ta, sim_tb, n_x = _blocks_from_similarity(similarity, x, y, a, b)
+    return _test_from_blocks(sim_ta, sim_tb, n_x, permutations, seed, alternative)
+
+
+def _bootstrap_ci(
+    sim_ta: np.ndarray, sim_tb: np.ndarray, n_x: int, n_boot: int, confidence: float, seed: int
+) -> EffectSizeCI:
+    """Percentile bootstrap of d, resampling with replacement within X, Y, A and B independently.
+
+    A resampled attribute set is a vector of multinomial counts, so one replicate's s(w) for all targets
+    is one matrix product; X and Y are then resampled from those scores.
+    """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    rng = np.random.default_rng(seed)
+    n_t, n_a = sim_ta.shape
+    n_b = sim_tb.shape[1]
+    n_y = n_t - n_x
+    rows = max(1, _CHUNK_ELEMENTS // max(n_t, n_a, n_b))
+    ds = np.empty(n_boot)
+    for start in range(0, n_boot, rows):
+        m = min(rows, n_boot - start)
+        wa = rng.multinomial(n_a, np.full(n_a, 1 / n_a), size=m) / n_a
+        wb = rng.multinomial(n_b, np.full(n_b, 1 / n_b), size=m) / n_b
+        s = wa @ sim_ta.T - wb @ sim_tb.T  # (m, n_t)
+        sx = np.take_along_axis(s, rng.integers(0, n_x, size=(m, n_x)), axis=1)
+        sy = np.take_along_axis(s, rng.integers(n_x, n_t, size=(m, n_y)), axis=1)
+        std = np.concatenate([sx, sy], axis=1).std(axis=1, ddof=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ds[start : start + m] = (sx.mean(axis=1) - sy.mean(axis=1)) / std
+    finite = ds[np.isfinite(ds)]
+    if finite.size == 0:
+        return EffectSizeCI(math.nan, math.nan, confidence, n_boot, 0, int(seed))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return EffectSizeCI(float(low), float(high), float(confidence), int(n_boot), int(finite.size), int(seed))
+
+
+def effect_size_ci(
+    X: Any, Y: Any, A: Any, B: Any, *, n_boot: int = 2_000, confidence: float = 0.95, seed: int = 0
+) -> EffectSizeCI:
+    """Seeded percentile bootstrap CI for d from raw embeddings (same shapes and checks as association_test)."""
+    sim_ta, sim_tb, n_x = _blocks_from_embeddings(X, Y, A, B)
+    return _bootstrap_ci(sim_ta, sim_tb, n_x, n_boot, confidence, seed)
+
+
+def effect_size_ci_from_similarity(
+    similarity: Any,
+    x: Any,
+    y: Any,
+    a: Any,
+    b: Any,
+    *,
+    n_boot: int = 2_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> EffectSizeCI:
+    """Seeded percentile bootstrap CI for d from a cosine-similarity matrix and index arrays."""
+    sim_ta, sim_tb, n_x = _blocks_from_similarity(similarity, x, y, a, b)
+    return _bootstrap_ci(sim_ta, sim_tb, n_x, n_boot, confidence, seed)
+
+
+def adjust_p_values(p_values: Sequence[float] | np.ndarray, method: str = "holm") -> np.ndarray:
+    """Multiple-testing adjusted p-values (statsmodels ``multipletests``), same order as the input.
+
+    method: holm | bonferroni | bh (= fdr_bh, Benjamini-Hochberg) | by (= fdr_by, Benjamini-Yekutieli).
+    """
+    from statsmodels.stats.multitest import multipletests
+
+    if method not in ADJUST_METHODS:
+        raise ValueError(f"method must be one of {sorted(ADJUST_METHODS)}, got {method!r}")
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1:
+        raise ValueError(f"p_values: expected a 1-D sequence, got shape {p.shape}")
+    if p.size == 0:
+        return p.copy()
+    if not np.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise ValueError("p_values: every p-value must be a finite number in [0, 1]")
+    return multipletests(p, method=ADJUST_METHODS[method])[1]
