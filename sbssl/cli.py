@@ -13,6 +13,32 @@ from typing import Sequence
 from sbssl import __version__
 
 
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from sbssl.stimuli import build_manifest, distinct_images, write_manifest
+
+    manifest = build_manifest(args.stimuli, skip_bad=args.skip_bad)
+    write_manifest(manifest, args.out)
+    flags = manifest["status"].str.split(";").explode().value_counts().to_dict()
+    print(f"{args.out}: {len(manifest)} files, {len(distinct_images(manifest))} distinct images, {flags}")
+    return 0
+
+
+def _cmd_fetch_weights(args: argparse.Namespace) -> int:
+    from sbssl.models import fetch_weights, load_zoo
+
+    zoo = load_zoo(args.zoo)
+    names = list(zoo) if args.model == ["all"] else args.model
+    unknown = [n for n in names if n not in zoo]
+    if unknown:
+        raise ValueError(f"model(s) {unknown} not in {args.zoo}; known: {', '.join(zoo)}")
+    for name in names:
+        if zoo[name].weights is None:
+            print(f"{name}: random initialisation (init_seed {zoo[name].init_seed}), nothing to fetch")
+            continue
+        print(f"{name}: {fetch_weights(zoo[name], args.dest, progress=not args.quiet)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sbssl",
@@ -21,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sbssl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Subcommand blocks follow; keep one block per command.
+
+    p = sub.add_parser("manifest", help="hash and decode every stimulus image; write the manifest CSV")
+    p.add_argument("--stimuli", required=True, help="stimuli root (<category>/<concept>/<image>)")
+    p.add_argument("--out", required=True, help="manifest CSV to write")
+    p.add_argument("--skip-bad", action="store_true", help="record unreadable images instead of failing")
+    p.set_defaults(func=_cmd_manifest)
+
+    p = sub.add_parser("fetch-weights", help="download and verify model checkpoints from the zoo")
+    p.add_argument("--zoo", default="config/models.yaml", help="zoo file (default: %(default)s)")
+    p.add_argument("--model", nargs="+", required=True, help="model name(s), or 'all'")
+    p.add_argument("--dest", default="pretrains", help="folder for <model>.pth (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_fetch_weights)
     return parser
 
 
