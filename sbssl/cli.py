@@ -39,6 +39,27 @@ def _cmd_fetch_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_test_embeddings(args: argparse.Namespace) -> int:
+    import warnings
+
+    from sbssl.io import atomic_path
+    from sbssl.precomputed import StimuliMismatchWarning, run_catalogue
+
+    with warnings.catch_warnings():
+        # Mismatches are printed below from the result, once each.
+        warnings.simplefilter("ignore", StimuliMismatchWarning)
+        df = run_catalogue(
+            args.embeddings, args.model, args.catalogue,
+            permutations=args.permutations, seed=args.seed, stimuli_root=args.stimuli,
+        )  # fmt: skip
+    for mismatch in df.attrs["stimuli_mismatches"]:
+        print(f"warning: embeddings and stimuli differ for {mismatch.describe()}", file=sys.stderr)
+    with atomic_path(args.out) as tmp:
+        df.to_csv(tmp, index=False)
+    print(f"{args.out}: {len(df)} tests, model {args.model}, {int(df['exact'].sum())} exact p-values")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sbssl",
@@ -60,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", default="pretrains", help="folder for <model>.pth (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fetch_weights)
+
+    p = sub.add_parser("test-embeddings", help="run the test catalogue on precomputed iEAT-format embeddings")
+    p.add_argument("--embeddings", required=True, help="folder of <category>_<concept>_<model>.csv[.gz] files")
+    p.add_argument("--model", required=True, help="model part of the file names, e.g. igpt_l_32")
+    p.add_argument("--catalogue", default="config/tests.yaml", help="test catalogue (default: %(default)s)")
+    p.add_argument(
+        "--permutations", type=int, default=10_000, help="exact if all splits fit, else sampled (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled splits (default: %(default)s)")
+    p.add_argument("--stimuli", help="stimuli root: report images missing from the embeddings or vice versa")
+    p.add_argument("--out", required=True, help="CSV to write, one row per test")
+    p.set_defaults(func=_cmd_test_embeddings)
     return parser
 
 
