@@ -1,0 +1,254 @@
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from sbssl.stimuli import (
+    MANIFEST_COLUMNS,
+    build_manifest,
+    concept_images,
+    discover,
+    distinct_images,
+    load_image,
+    read_manifest,
+    write_manifest,
+)
+
+
+@pytest.fixture(scope="module")
+def stimuli(shared_dir: Path) -> Path:
+    return shared_dir / "ieat" / "stimuli"
+
+
+@pytest.fixture(scope="module")
+def full_manifest(stimuli: Path) -> pd.DataFrame:
+    return build_manifest(stimuli)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _row(manifest: pd.DataFrame, path: str) -> pd.Series:
+    rows = manifest[manifest["path"] == path]
+    assert len(rows) == 1, path
+    return rows.iloc[0]
+
+
+# --- the real iEAT stimuli -----------------------------------------------------------------------------
+
+
+def test_full_tree_counts(full_manifest: pd.DataFrame) -> None:
+    # The shared copy lacks gender/career/professional2_google.jpg: 870 - 1 files, 665 - 1 distinct images.
+    assert list(full_manifest.columns) == list(MANIFEST_COLUMNS)
+    assert len(full_manifest) == 869
+    assert len(distinct_images(full_manifest)) == 664
+    assert full_manifest["format"].value_counts().to_dict() == {"JPEG": 807, "PNG": 33, "WEBP": 29}
+    assert full_manifest["concept"].nunique() == 60
+    assert full_manifest["path"].is_monotonic_increasing
+    assert "README.md" not in set(full_manifest["path"])  # top-level files are not stimuli
+    flags = full_manifest["status"].str.split(";").explode().value_counts().to_dict()
+    assert flags == {"ok": 663, "duplicate": 205, "extension_mismatch": 1}
+
+
+def test_png_named_jpeg_is_decoded_by_content(full_manifest: pd.DataFrame, stimuli: Path) -> None:
+    row = _row(full_manifest, "valence/unpleasant/corpse3_google.png")
+    assert (row["format"], row["width"], row["height"]) == ("JPEG", 300, 200)
+    assert row["status"] == "extension_mismatch"
+    img = load_image(stimuli / row["path"])
+    assert (img.mode, img.size) == ("RGB", (300, 200))
+
+
+def test_identical_coffins_count_twice_in_their_folder_and_embed_once(full_manifest: pd.DataFrame) -> None:
+    coffin1 = _row(full_manifest, "valence/unpleasant/coffin1_google.jpg")
+    coffin4 = _row(full_manifest, "valence/unpleasant/coffin4_google.jpg")
+    assert coffin1["sha256"] == coffin4["sha256"]
+    assert coffin4["status"] == "duplicate"
+    shas = concept_images(full_manifest, "valence/unpleasant")
+    assert len(shas) == 55  # every file of the folder
+    assert shas.count(coffin1["sha256"]) == 2
+    distinct = distinct_images(full_manifest)
+    assert (distinct["sha256"] == coffin1["sha256"]).sum() == 1
+    # the first file in path order is the one embedded (valence/unpleasant-1 sorts before valence/unpleasant/)
+    assert distinct.set_index("sha256").loc[coffin1["sha256"], "path"] == "valence/unpleasant-1/coffin1_google.jpg"
+
+
+def test_image_shared_between_target_and_attribute_folders(full_manifest: pd.DataFrame) -> None:
+    insect = _row(full_manifest, "insect-flower/insect/roach2_google.jpg")
+    unpleasant = _row(full_manifest, "valence/unpleasant/roach2_google.jpg")
+    assert insect["sha256"] == unpleasant["sha256"]
+    assert insect["sha256"] in concept_images(full_manifest, "insect-flower/insect")
+    assert insect["sha256"] in concept_images(full_manifest, "valence/unpleasant")
+
+
+def test_webp_files(full_manifest: pd.DataFrame, stimuli: Path) -> None:
+    webp = full_manifest[full_manifest["format"] == "WEBP"]
+    assert len(webp) == 29
+    assert webp["path"].str.endswith(".webp").all()
+    row = _row(full_manifest, "valence/unpleasant/corpse4_google.webp")
+    assert (row["width"], row["height"], row["sha256"]) == (940, 529, _sha(stimuli / row["path"]))
+    img = load_image(stimuli / row["path"])
+    assert (img.mode, img.size) == ("RGB", (940, 529))
+
+
+def test_real_rgba_palette_greyscale_and_cmyk_load_as_rgb(stimuli: Path) -> None:
+    cases = {
+        "intersectional/black-male/bm11.png": "RGBA",
+        "religion/christianity/christianity1_google.png": "P",
+        "presidents/lincoln/lincolnp1.jpg": "L",
+        "insect-flower/insect/roach4_google.jpg": "CMYK",
+    }
+    for rel, mode in cases.items():
+        with Image.open(stimuli / rel) as raw:
+            assert raw.mode == mode
+            size = raw.size
+        img = load_image(stimuli / rel)
+        assert (img.mode, img.size) == ("RGB", size), rel
+    grey = np.asarray(load_image(stimuli / "presidents/lincoln/lincolnp1.jpg"))
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+
+
+def test_manifest_round_trip(full_manifest: pd.DataFrame, tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "manifest.csv"
+    write_manifest(full_manifest, out)
+    back = read_manifest(out)
+    pd.testing.assert_frame_equal(back, full_manifest)
+    assert [p.name for p in out.parent.iterdir()] == ["manifest.csv"]  # no temp file left behind
+
+
+# --- generated images ------------------------------------------------------------------------------------
+
+
+def _save(path: Path, img: Image.Image, fmt: str, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **kwargs)
+    return path
+
+
+@pytest.fixture()
+def small_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "stimuli"
+    rgb = Image.new("RGB", (8, 6), (200, 30, 10))
+    _save(root / "cat" / "a" / "one.jpg", rgb, "JPEG")
+    _save(root / "cat" / "a" / "two.png", Image.new("RGB", (5, 5), (1, 2, 3)), "PNG")
+    _save(root / "cat" / "b" / "three.webp", Image.new("RGB", (4, 7), (9, 9, 9)), "WEBP")
+    shutil.copy(root / "cat" / "a" / "one.jpg", root / "cat" / "b" / "one_copy.jpeg")
+    (root / "README.md").write_text("not a stimulus")
+    (root / "cat" / "notes.txt").write_text("not a stimulus either")
+    (root / "cat" / "a" / ".DS_Store").write_bytes(b"\0\0")
+    return root
+
+
+def test_discover_skips_top_level_and_hidden_files(small_tree: Path) -> None:
+    assert discover(small_tree) == ["cat/a/one.jpg", "cat/a/two.png", "cat/b/one_copy.jpeg", "cat/b/three.webp"]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        discover(small_tree / "nowhere")
+
+
+def test_generated_tree_manifest(small_tree: Path) -> None:
+    m = build_manifest(small_tree)
+    assert m["path"].tolist() == discover(small_tree)
+    assert m["concept"].tolist() == ["cat/a", "cat/a", "cat/b", "cat/b"]
+    assert m["format"].tolist() == ["JPEG", "PNG", "JPEG", "WEBP"]
+    assert m["status"].tolist() == ["ok", "ok", "duplicate", "ok"]
+    assert (m["width"].tolist(), m["height"].tolist()) == ([8, 5, 8, 4], [6, 5, 6, 7])
+    assert m.loc[0, "sha256"] == _sha(small_tree / "cat/a/one.jpg") == m.loc[2, "sha256"]
+    assert concept_images(m, "cat/b") == [m.loc[2, "sha256"], m.loc[3, "sha256"]]
+    assert distinct_images(m)["path"].tolist() == ["cat/a/one.jpg", "cat/a/two.png", "cat/b/three.webp"]
+    with pytest.raises(ValueError, match="cat/zzz"):
+        concept_images(m, "cat/zzz")
+
+
+def test_corrupt_image_is_an_error_naming_the_file(small_tree: Path) -> None:
+    good = (small_tree / "cat/a/one.jpg").read_bytes()
+    bad = small_tree / "cat" / "b" / "truncated.jpg"
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"truncated\.jpg.*skip_bad"):
+        build_manifest(small_tree)
+    with pytest.raises(ValueError, match=r"truncated\.jpg"):
+        load_image(bad)
+
+
+@pytest.mark.parametrize(
+    "name, payload",
+    [
+        ("text.jpg", b"this is not an image"),
+        ("anim.gif", None),  # a valid image in a format the study does not decode
+    ],
+)
+def test_unreadable_files_with_and_without_skip_bad(small_tree: Path, name: str, payload: bytes | None) -> None:
+    path = small_tree / "cat" / "b" / name
+    if payload is None:
+        _save(path, Image.new("P", (3, 3)), "GIF")
+    else:
+        path.write_bytes(payload)
+    with pytest.raises(ValueError, match=name):
+        build_manifest(small_tree)
+    m = build_manifest(small_tree, skip_bad=True)
+    row = _row(m, f"cat/b/{name}")
+    assert (row["status"], row["sha256"], row["format"], row["width"]) == ("unreadable", "", "", 0)
+    assert len(concept_images(m, "cat/b")) == 2
+    assert len(distinct_images(m)) == 3
+    # the empty sha256 of the unreadable row survives a CSV round trip as "", not NaN
+    write_manifest(m, small_tree.parent / "m.csv")
+    assert _row(read_manifest(small_tree.parent / "m.csv"), f"cat/b/{name}")["sha256"] == ""
+
+
+def test_folder_with_only_unreadable_images(tmp_path: Path) -> None:
+    (tmp_path / "c" / "d").mkdir(parents=True)
+    (tmp_path / "c" / "d" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    m = build_manifest(tmp_path, skip_bad=True)
+    with pytest.raises(ValueError, match="no readable image"):
+        concept_images(m, "c/d")
+    with pytest.raises(ValueError, match="no images found"):
+        build_manifest(tmp_path / "c")
+
+
+def test_read_manifest_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="absent.csv"):
+        read_manifest(tmp_path / "absent.csv")
+    broken = tmp_path / "broken.csv"
+    broken.write_text("path,concept,sha256\na/b/c.jpg,a/b,00\n")
+    with pytest.raises(ValueError, match=r"broken\.csv.*\['format', 'width', 'height', 'status'\]"):
+        read_manifest(broken)
+    with pytest.raises(ValueError, match="missing column"):
+        write_manifest(pd.DataFrame({"path": ["x"]}), tmp_path / "out.csv")
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_load_image_greyscale_alpha_palette_16bit(tmp_path: Path) -> None:
+    grey = _save(tmp_path / "g.png", Image.new("L", (2, 2), 77), "PNG")
+    assert np.asarray(load_image(grey)).tolist() == [[[77, 77, 77]] * 2] * 2
+
+    rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 0))
+    rgba.putpixel((1, 0), (40, 50, 60, 255))
+    # alpha is dropped, keeping the stored colour (what OpenCV's imread and torchvision's loader give)
+    assert np.asarray(load_image(_save(tmp_path / "a.png", rgba, "PNG"))).tolist() == [[[10, 20, 30], [40, 50, 60]]]
+
+    grey_alpha = Image.new("LA", (1, 1), (90, 0))
+    assert np.asarray(load_image(_save(tmp_path / "la.png", grey_alpha, "PNG"))).tolist() == [[[90, 90, 90]]]
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    pal = _save(tmp_path / "p.png", palette, "PNG", transparency=0)
+    assert np.asarray(load_image(pal)).tolist() == [[[255, 0, 0], [0, 0, 255]]]
+
+    deep = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
+    assert deep.mode.startswith("I;16")
+    values = np.asarray(load_image(_save(tmp_path / "d.png", deep, "PNG")))[0, :, 0].tolist()
+    assert values == [0, 128, 255]  # scaled, not clipped at 255
+
+
+def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
+    img = Image.new("RGB", (4, 2), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees
+    path = _save(tmp_path / "rot.jpg", img, "JPEG", exif=exif.tobytes())
+    assert load_image(path).size == (2, 4)
