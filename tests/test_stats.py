@@ -1,0 +1,370 @@
+from __future__ import annotations
+
+import itertools
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+import sbssl.stats as stats
+from sbssl.stats import (
+    adjust_p_values,
+    association_test,
+    association_test_from_similarity,
+    effect_size_ci,
+    effect_size_ci_from_similarity,
+)
+
+
+def _sets(seed: int, n_x: int = 6, n_y: int = 6, n_a: int = 5, n_b: int = 7, dim: int = 16, shift: float = 0.0):
+    """Random target/attribute embeddings; ``shift`` pulls X towards A and Y towards B (a real effect)."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(n_a, dim)), rng.normal(size=(n_b, dim))
+    x = rng.normal(size=(n_x, dim)) + shift * a.mean(axis=0)
+    y = rng.normal(size=(n_y, dim)) + shift * b.mean(axis=0)
+    return x, y, a, b
+
+
+def _cos(u, v) -> float:
+    return sum(p * q for p, q in zip(u, v)) / math.sqrt(sum(p * p for p in u) * sum(q * q for q in v))
+
+
+def _naive(X, Y, A, B):
+    """Textbook WEAT with plain Python loops: (s values of X then Y, statistic, d, exact p_greater, p_less)."""
+    s = [sum(_cos(w, a) for a in A) / len(A) - sum(_cos(w, b) for b in B) / len(B) for w in list(X) + list(Y)]
+    n_x = len(X)
+    stat = sum(s[:n_x]) - sum(s[n_x:])
+    mean = sum(s) / len(s)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in s) / (len(s) - 1))
+    d = (sum(s[:n_x]) / n_x - sum(s[n_x:]) / len(Y)) / sd
+    observed = sum(s[:n_x])
+    sums = [sum(s[i] for i in c) for c in itertools.combinations(range(len(s)), n_x)]
+    greater = sum(v >= observed for v in sums) / len(sums)
+    less = sum(v <= observed for v in sums) / len(sums)
+    return s, stat, d, greater, less
+
+
+# --------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("sizes", [(6, 6, 5, 7), (4, 7, 3, 2), (1, 1, 1, 1), (3, 9, 6, 6)])
+def test_statistic_effect_size_and_exact_p_match_naive_implementation(sizes):
+    X, Y, A, B = _sets(1, *sizes)
+    _, stat, d, greater, less = _naive(X, Y, A, B)
+    res = association_test(X, Y, A, B)
+    assert res.exact
+    assert res.n_permutations == math.comb(sizes[0] + sizes[1], sizes[0])
+    assert res.statistic == pytest.approx(stat, abs=1e-12)
+    assert res.effect_size == pytest.approx(d, abs=1e-12)
+    assert res.p_value == greater
+    assert association_test(X, Y, A, B, alternative="less").p_value == less
+    assert (res.n_x, res.n_y, res.n_a, res.n_b) == sizes
+    assert res.alternative == "greater"
+
+
+def test_result_dataclass_is_frozen_and_as_dict_has_every_field():
+    res = association_test(*_sets(2))
+    with pytest.raises(AttributeError):
+        res.p_value = 0.0  # type: ignore[misc]
+    assert list(res.as_dict()) == [
+        "statistic", "effect_size", "p_value", "n_permutations", "exact", "p_floor", "alternative",
+        "n_x", "n_y", "n_a", "n_b",
+    ]  # fmt: skip
+
+
+def test_strong_effect_gives_smallest_attainable_p():
+    res = association_test(*_sets(3, shift=4.0))
+    assert res.effect_size > 1.5
+    assert res.p_value == res.p_floor == 1 / 924
+    assert association_test(*_sets(3, shift=4.0), alternative="less").p_value == 1.0
+
+
+def test_cosine_is_scale_invariant_and_computed_in_float64():
+    X, Y, A, B = _sets(4)
+    ref = association_test(X, Y, A, B)
+    scaled = association_test(X * 3.0, Y * np.arange(1, 7)[:, None], A * 1e-3, B * 7.0)
+    assert scaled.effect_size == pytest.approx(ref.effect_size, abs=1e-12)
+    assert scaled.p_value == ref.p_value
+    as32 = [m.astype(np.float32) for m in (X, Y, A, B)]
+    from64 = association_test(*[m.astype(np.float64) for m in as32])
+    assert association_test(*as32).as_dict() == from64.as_dict()
+
+
+def test_similarity_variant_matches_raw_embeddings_with_repeated_indices():
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(20, 12))
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    x, y, a, b = [0, 1, 2, 3, 3], [4, 5, 6, 7], [8, 9, 10, 4], [11, 12, 12]  # 3 and 12 repeat, 4 in Y and A
+    raw = association_test(emb[x], emb[y], emb[a], emb[b])
+    via = association_test_from_similarity(sim, np.array(x), np.array(y), np.array(a), np.array(b))
+    assert via.effect_size == pytest.approx(raw.effect_size, abs=1e-12)
+    assert via.statistic == pytest.approx(raw.statistic, abs=1e-12)
+    assert via.p_value == raw.p_value
+    assert (via.n_x, via.n_y, via.n_a, via.n_b) == (5, 4, 4, 3)
+
+
+# --------------------------------------------------------------------------- ties
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_true_ties_count_as_hits_whatever_the_summation_order(seed):
+    """X and Y hold the same three images: 8 of the 20 splits tie with the observed one, 6 are above.
+
+    Summed in different orders, the tied splits differ from the observed sum by an ulp for some seeds;
+    they must still count (p = 14/20 both ways).
+    """
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(3, 8))
+    Y = X[[2, 0, 1]]
+    A, B = rng.normal(size=(4, 8)), rng.normal(size=(5, 8))
+    greater = association_test(X, Y, A, B)
+    assert greater.p_value == 14 / 20
+    assert greater.statistic == pytest.approx(0.0, abs=1e-14)
+    assert association_test(X, Y, A, B, alternative="less").p_value == 14 / 20
+    assert association_test(X, Y, A, B, alternative="two-sided").p_value == 1.0
+
+
+def test_tie_tolerance_is_far_below_real_differences():
+    s = np.array([0.1, 0.2, 0.3, -0.05])
+    assert 0 < stats._tie_tolerance(s) < 1e-13
+
+
+def test_all_targets_identical_gives_nan_d_and_p_one():
+    rng = np.random.default_rng(0)
+    X = np.repeat(rng.normal(size=(1, 5)), 4, axis=0)
+    res = association_test(X[:2], X[2:], rng.normal(size=(3, 5)), rng.normal(size=(3, 5)))
+    assert math.isnan(res.effect_size)
+    assert res.p_value == 1.0
+
+
+# --------------------------------------------------------------------------- alternatives, floors
+
+
+def test_alternatives_are_consistent_for_exact_tests():
+    X, Y, A, B = _sets(6)
+    g = association_test(X, Y, A, B, alternative="greater")
+    le = association_test(X, Y, A, B, alternative="less")
+    two = association_test(X, Y, A, B, alternative="two-sided")
+    assert g.p_value + le.p_value == pytest.approx(1 + 1 / 924, abs=1e-15)  # no ties: only the observed split is in both
+    assert two.p_value == min(1.0, 2 * min(g.p_value, le.p_value))
+    assert (g.p_floor, le.p_floor, two.p_floor) == (1 / 924, 1 / 924, 2 / 924)
+    # swapping X and Y mirrors the tails
+    assert association_test(Y, X, A, B, alternative="less").p_value == g.p_value
+
+
+def test_two_sided_is_capped_at_one():
+    X, Y, A, B = _sets(7, shift=0.0)
+    two = association_test(X, X[::-1], A, B, alternative="two-sided")
+    assert two.p_value == 1.0
+
+
+def test_sampled_floor_and_counts():
+    X, Y, A, B = _sets(8, n_x=10, n_y=10)
+    res = association_test(X, Y, A, B, permutations=500, seed=1)
+    assert not res.exact
+    assert res.n_permutations == 500
+    assert res.p_floor == 1 / 500
+    assert res.p_value * 500 == pytest.approx(round(res.p_value * 500))
+    assert association_test(X, Y, A, B, permutations=500, alternative="two-sided").p_floor == 2 / 500
+    assert association_test(X, Y, A, B, permutations=1).p_value == 1.0
+
+
+def test_exact_rule_follows_number_of_splits():
+    X, Y, A, B = _sets(9, n_x=7, n_y=7)
+    assert association_test(X, Y, A, B, permutations=3432).exact
+    assert not association_test(X, Y, A, B, permutations=3431).exact
+    X8, Y8, A8, B8 = _sets(9, n_x=8, n_y=8)
+    assert not association_test(X8, Y8, A8, B8).exact  # 12,870 splits > 10,000: the reference samples too
+
+
+# --------------------------------------------------------------------------- exact vs sampled, determinism
+
+
+@pytest.mark.parametrize("seed,shift", [(10, 0.0), (11, 0.6), (12, 1.2)])
+def test_sampled_p_agrees_with_exact_p(seed, shift):
+    X, Y, A, B = _sets(seed, n_x=7, n_y=6, shift=shift)
+    exact = association_test(X, Y, A, B, permutations=10_000)
+    sampled = association_test(X, Y, A, B, permutations=1_000, seed=seed)
+    assert exact.exact and not sampled.exact
+    se = math.sqrt(max(exact.p_value * (1 - exact.p_value), 1e-3) / 1_000)
+    assert abs(sampled.p_value - exact.p_value) <= 4 * se + 1 / 1_000
+
+
+def test_large_exact_enumeration_when_asked():
+    X, Y, A, B = _sets(13, n_x=10, n_y=10, shift=0.5)
+    exact = association_test(X, Y, A, B, permutations=1_000_000)
+    assert exact.exact and exact.n_permutations == 184_756
+    less = association_test(X, Y, A, B, permutations=1_000_000, alternative="less")
+    assert exact.p_value + less.p_value == pytest.approx(1 + 1 / 184_756, abs=1e-12)
+    sampled = association_test(X, Y, A, B, permutations=20_000, seed=3)
+    assert abs(sampled.p_value - exact.p_value) < 0.01
+
+
+def test_same_seed_identical_bytes_different_seed_differs():
+    X, Y, A, B = _sets(14, n_x=12, n_y=12, shift=0.3)
+    one = association_test(X, Y, A, B, seed=42)
+    two = association_test(X, Y, A, B, seed=42)
+    assert pickle.dumps(one) == pickle.dumps(two)
+    assert association_test(X, Y, A, B, seed=43).p_value != one.p_value
+
+
+def test_sampled_p_is_independent_of_chunk_size_and_equals_successive_permutations(monkeypatch):
+    """The documented draw: permutations - 1 successive rng.permutation(n) calls of default_rng(seed)."""
+    X, Y, A, B = _sets(15, n_x=9, n_y=9, shift=0.2)
+    ref = association_test(X, Y, A, B, permutations=3_000, seed=7)
+    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 50)
+    assert association_test(X, Y, A, B, permutations=3_000, seed=7) == ref
+
+    s = stats._scores(*stats._blocks_from_embeddings(X, Y, A, B)[:2])
+    rng = np.random.default_rng(7)
+    observed = s[:9].sum()
+    hits = 1 + sum(s[rng.permutation(18)[:9]].sum() >= observed for _ in range(2_999))
+    assert ref.p_value == hits / 3_000
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_d():
+    X, Y, A, B = _sets(16, n_x=8, n_y=8, shift=1.0)
+    d = association_test(X, Y, A, B).effect_size
+    ci = effect_size_ci(X, Y, A, B, n_boot=500, seed=1)
+    assert ci == effect_size_ci(X, Y, A, B, n_boot=500, seed=1)
+    assert ci != effect_size_ci(X, Y, A, B, n_boot=500, seed=2)
+    assert ci.low < d < ci.high
+    assert (ci.confidence, ci.n_boot, ci.n_valid, ci.seed) == (0.95, 500, 500, 1)
+    narrow = effect_size_ci(X, Y, A, B, n_boot=500, seed=1, confidence=0.5)
+    assert ci.low < narrow.low < narrow.high < ci.high
+
+
+def test_bootstrap_from_similarity_equals_raw_and_is_chunk_invariant(monkeypatch):
+    rng = np.random.default_rng(17)
+    emb = rng.normal(size=(16, 6))
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    x, y, a, b = np.arange(0, 4), np.arange(4, 9), np.arange(9, 12), np.arange(12, 16)
+    raw = effect_size_ci(emb[x], emb[y], emb[a], emb[b], n_boot=300, seed=3)
+    via = effect_size_ci_from_similarity(unit @ unit.T, x, y, a, b, n_boot=300, seed=3)
+    assert via.low == pytest.approx(raw.low, abs=1e-12) and via.high == pytest.approx(raw.high, abs=1e-12)
+    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 40)  # 2 replicates per chunk: same stream consumption order
+    small = effect_size_ci(emb[x], emb[y], emb[a], emb[b], n_boot=300, seed=3)
+    assert small.n_valid == raw.n_valid
+
+
+def test_bootstrap_skips_undefined_replicates():
+    rng = np.random.default_rng(0)
+    X = np.repeat(rng.normal(size=(1, 5)), 2, axis=0)
+    ci = effect_size_ci(X[:1], X[1:], rng.normal(size=(3, 5)), rng.normal(size=(3, 5)), n_boot=20)
+    assert ci.n_valid == 0 and math.isnan(ci.low) and math.isnan(ci.high)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"n_boot": 0}, "n_boot"), ({"n_boot": 2.5}, "n_boot"), ({"confidence": 1.0}, "confidence"),
+     ({"confidence": 0}, "confidence"), ({"seed": None}, "seed")],
+)  # fmt: skip
+def test_bootstrap_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        effect_size_ci(*_sets(0), **kwargs)
+
+
+# --------------------------------------------------------------------------- multiple testing
+
+
+def test_adjust_p_values_known_values_keep_input_order():
+    p = [0.03, 0.01, 0.05, 0.02, 0.04]
+    order = [2, 0, 4, 1, 3]
+    expected_sorted = {
+        "holm": [0.05, 0.08, 0.09, 0.09, 0.09],
+        "bonferroni": [0.05, 0.10, 0.15, 0.20, 0.25],
+        "bh": [0.05] * 5,
+        "fdr_bh": [0.05] * 5,
+        "by": [0.05 * (1 + 1 / 2 + 1 / 3 + 1 / 4 + 1 / 5)] * 5,
+        "fdr_by": [0.05 * (1 + 1 / 2 + 1 / 3 + 1 / 4 + 1 / 5)] * 5,
+    }
+    for method, exp in expected_sorted.items():
+        got = adjust_p_values(p, method)
+        np.testing.assert_allclose(got, [exp[i] for i in order], atol=1e-12, err_msg=method)
+    np.testing.assert_allclose(adjust_p_values([0.5, 0.9], "bonferroni"), [1.0, 1.0])
+    assert adjust_p_values([], "holm").size == 0
+
+
+@pytest.mark.parametrize(
+    "p,method,match",
+    [([0.1], "sidak", "method"), ([0.1, 1.2], "holm", r"\[0, 1\]"), ([0.1, float("nan")], "bh", r"\[0, 1\]"),
+     ([-0.1], "holm", r"\[0, 1\]"), ([[0.1, 0.2]], "holm", "1-D")],
+)  # fmt: skip
+def test_adjust_p_values_bad_input(p, method, match):
+    with pytest.raises(ValueError, match=match):
+        adjust_p_values(p, method)
+
+
+# --------------------------------------------------------------------------- input errors
+
+
+def _replace(sets, index, value):
+    out = list(sets)
+    out[index] = value
+    return out
+
+
+@pytest.mark.parametrize("index,name", list(enumerate("XYAB")))
+def test_errors_name_the_set(index, name):
+    sets = _sets(20)
+    dim = sets[0].shape[1]
+    cases = {
+        "empty": (np.empty((0, dim)), "empty"),
+        "1-D": (np.ones(dim), "2-D"),
+        "zero dims": (np.empty((3, 0)), "zero dimensions"),
+        "text": ([["a", "b"]], "numeric"),
+        "nan": (_replace(list(sets[index]), 1, np.full(dim, np.nan)), "NaN or inf in row"),
+        "inf": (_replace(list(sets[index]), 0, np.r_[np.inf, np.ones(dim - 1)]), r"NaN or inf in row\(s\) \[0\]"),
+        "zero vector": (_replace(list(sets[index]), 2, np.zeros(dim)), r"zero vector\(s\) in row\(s\) \[2\]"),
+    }
+    if index:  # X fixes the dimension the others must match
+        cases["dim"] = (np.ones((3, dim + 1)), "does not match X's dimension")
+    for label, (bad, match) in cases.items():
+        with pytest.raises(ValueError, match=f"^{name}: .*{match}") as info:
+            association_test(*_replace(sets, index, bad))
+        assert info.value.args[0].startswith(f"{name}:"), label
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            effect_size_ci(*_replace(sets, index, bad))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"permutations": 0}, "permutations"), ({"permutations": True}, "permutations"),
+     ({"permutations": 10.0}, "permutations"), ({"seed": None}, "seed"), ({"seed": 1.5}, "seed"),
+     ({"alternative": "two.sided"}, "alternative")],
+)  # fmt: skip
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        association_test(*_sets(0), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        association_test_from_similarity(np.eye(4), [0], [1], [2], [3], **kwargs)
+
+
+def test_similarity_errors():
+    sim = np.eye(6)
+    ok = dict(x=[0, 1], y=[2, 3], a=[4], b=[5])
+    with pytest.raises(ValueError, match="^similarity: expected a square"):
+        association_test_from_similarity(np.ones((3, 4)), **ok)
+    with pytest.raises(ValueError, match="^similarity: expected a square"):
+        association_test_from_similarity(np.ones(6), **ok)
+    for name in "xyab":
+        for bad, match in [([], "empty"), ([0, 6], r"out of range \[0, 6\)"), ([-1], "out of range"),
+                           ([0.0, 1.0], "integers"), ([[0, 1]], "1-D"), ([True, False], "integers")]:  # fmt: skip
+            with pytest.raises(ValueError, match=f"^{name.upper()}: .*{match}"):
+                association_test_from_similarity(sim, **{**ok, name: bad})
+    bad = sim.copy()
+    bad[1, 4] = np.nan
+    with pytest.raises(ValueError, match=r"similarity: NaN or inf between the targets and A \(target rows \[1\]\)"):
+        association_test_from_similarity(bad, **ok)
+    bad = sim.copy()
+    bad[3, 5] = np.inf
+    with pytest.raises(ValueError, match="and B"):
+        effect_size_ci_from_similarity(bad, **ok)
+    # NaN outside the blocks the test reads is irrelevant
+    far = np.pad(sim, ((0, 1), (0, 1)), constant_values=np.nan)
+    assert association_test_from_similarity(far, **ok).p_value == association_test_from_similarity(sim, **ok).p_value
