@@ -1,6 +1,7 @@
 # Config validation, the catalogue and the zoo, and the input functions every stage uses.
 # Input functions look up only their own job's wildcards, so adding a model (or a test) changes no
 # other job's params and reruns nothing but its own column of the DAG plus the aggregates.
+import os
 from dataclasses import asdict
 
 from snakemake.utils import validate
@@ -52,6 +53,11 @@ def stimuli_root():
     return GENERATED_STIMULI.get(config["stimuli"], config["stimuli"])
 
 
+def stimuli_param(wildcards, input):
+    """A job's stimuli root: its stimuli input when the workflow made the folder, else the local copy."""
+    return input.stimuli or stimuli_root()
+
+
 def stimuli_input():
     """The stimuli folder as a DAG input when a rule of the workflow makes it; a local copy is used in place."""
     return GENERATED_STIMULI.get(config["stimuli"], [])
@@ -98,8 +104,17 @@ def all_outputs():
         f"{R}/tables/summary.csv",
         f"{R}/tables/counts.csv",
         f"{R}/meta_test.json",
-        f"{R}/figures/.done",
+        f"{R}/figures/bias_counts.png",
     ]
     if CONTROL_MODELS:
         outputs.append(f"{R}/tables/control.csv")
     return outputs
+
+
+def figure_report(name):
+    """A figure for the report; its caption is the .rst the figure job writes beside it."""
+    return report(
+        f"{R}/figures/{name}.png",
+        caption=os.path.abspath(f"{R}/figures/{name}.rst"),
+        category="Figures",
+    )

@@ -12,7 +12,7 @@ rule embed_layers:
         embedding_outputs(R),
     params:
         model=model_spec,
-        root=stimuli_root(),
+        root=stimuli_param,
         layers=LAYERS_RUN,
         embedding=config["embedding"],
     threads: 2
@@ -24,6 +24,8 @@ rule embed_layers:
         f"{R}/logs/embeddings/{{model}}.log",
     benchmark:
         f"{R}/benchmarks/embed_layers/{{model}}.tsv"
+    conda:
+        "../envs/sbssl.yaml"
     script:
         "../scripts/embed_layers.py"
 
@@ -40,5 +42,7 @@ rule cosine_similarities:
         f"{R}/logs/similarity/{{model}}/{{layer}}.log",
     benchmark:
         f"{R}/benchmarks/cosine_similarities/{{model}}/{{layer}}.tsv"
+    conda:
+        "../envs/sbssl.yaml"
     script:
         "../scripts/cosine_similarities.py"

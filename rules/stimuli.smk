@@ -9,6 +9,8 @@ rule demo_stimuli:
         images_per_concept=config["demo_images_per_concept"],
     log:
         f"{R}/logs/stimuli/demo_stimuli.log",
+    conda:
+        "../envs/sbssl.yaml"
     script:
         "../scripts/demo_stimuli.py"
 
@@ -21,6 +23,8 @@ rule fetch_stimuli:
     log:
         f"{R}/logs/stimuli/fetch_stimuli.log",
     retries: 2
+    conda:
+        "../envs/sbssl.yaml"
     script:
         "../scripts/fetch_stimuli.py"
 
@@ -32,11 +36,14 @@ rule stimuli_manifest:
     output:
         MANIFEST,
     params:
-        root=stimuli_root(),
+        root=stimuli_param,
         skip_bad=config["skip_bad_images"],
+        validate_catalogue=True,
     log:
         f"{R}/logs/stimuli/manifest.log",
     benchmark:
         f"{R}/benchmarks/stimuli_manifest.tsv"
+    conda:
+        "../envs/sbssl.yaml"
     script:
         "../scripts/stimuli_manifest.py"

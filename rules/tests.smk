@@ -49,5 +49,7 @@ rule tests_table:
         ),
     log:
         f"{R}/logs/tables/tests.log",
+    conda:
+        "../envs/sbssl.yaml"
     script:
         "../scripts/tests_table.py"

@@ -10,5 +10,7 @@ rule fetch_weights:
     log:
         "pretrains/logs/{model}.log",
     retries: 2
+    conda:
+        "../envs/sbssl.yaml"
     script:
         "../scripts/fetch_weights.py"

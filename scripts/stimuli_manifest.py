@@ -4,7 +4,8 @@ from sbssl.io import job_log
 from sbssl.stimuli import build_manifest, write_manifest
 
 with job_log(snakemake.log[0]):
-    load_catalogue(snakemake.input.catalogue, stimuli_root=snakemake.params.root)
+    if snakemake.params.get("validate_catalogue", True):
+        load_catalogue(snakemake.input.catalogue, stimuli_root=snakemake.params.root)
     manifest = build_manifest(snakemake.params.root, skip_bad=snakemake.params.skip_bad)
     write_manifest(manifest, snakemake.output[0])
     print(f"{len(manifest)} files, {manifest['sha256'].nunique()} distinct images")
