@@ -11,6 +11,7 @@ import sys
 from typing import Sequence
 
 from sbssl import __version__
+from sbssl.layers import LAYERS
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:
@@ -60,6 +61,41 @@ def _cmd_test_embeddings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sbssl.embed import embed_model
+    from sbssl.models import load_zoo
+    from sbssl.similarity import cosine_similarities, similarity_is_current
+
+    zoo = load_zoo(args.zoo)
+    if args.model not in zoo:
+        raise ValueError(f"model {args.model!r} not in {args.zoo}; known: {', '.join(zoo)}")
+    spec = zoo[args.model]
+    weights = args.weights
+    if spec.weights is not None and weights is None:
+        weights = Path("pretrains") / f"{spec.name}.pth"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found; run `sbssl fetch-weights --model {spec.name}` or pass --weights")
+    out = {layer: Path(args.out_dir) / spec.name / f"{layer}.h5" for layer in args.layers}
+    report = embed_model(
+        spec, weights, args.manifest, args.stimuli, out, layers=args.layers, preprocessing=args.preprocessing,
+        pooling=args.pooling, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        progress=not args.quiet,
+    )  # fmt: skip
+    state = "all layers cached, nothing computed" if report.cached else f"{report.forward_passes} images embedded"
+    print(f"{spec.name}: {report.n_images} distinct images, {state} ({report.seconds:.1f} s on {report.device})")
+    for layer in args.layers:
+        line = f"  {layer}: {out[layer]} ({report.bytes_on_disk[layer] / 1e6:.1f} MB)"
+        if args.similarity_dir:
+            sim = Path(args.similarity_dir) / spec.name / f"{layer}.h5"
+            if not similarity_is_current(out[layer], sim):
+                cosine_similarities(out[layer], sim)
+            line += f", similarity {sim}"
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sbssl",
@@ -93,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stimuli", help="stimuli root: report images missing from the embeddings or vice versa")
     p.add_argument("--out", required=True, help="CSV to write, one row per test")
     p.set_defaults(func=_cmd_test_embeddings)
+
+    p = sub.add_parser("embed", help="embed the distinct stimuli with one model: all layers in one pass, HDF5 cache")
+    p.add_argument("--manifest", required=True, help="stimuli manifest CSV (from `sbssl manifest`)")
+    p.add_argument("--stimuli", required=True, help="stimuli root the manifest paths are relative to")
+    p.add_argument("--model", required=True, help="model name in the zoo")
+    p.add_argument("--zoo", default="config/models.yaml", help="zoo file (default: %(default)s)")
+    p.add_argument("--weights", help="checkpoint file (default: pretrains/<model>.pth; none for random models)")
+    p.add_argument("--out-dir", required=True, help="writes OUT_DIR/<model>/<layer>.h5 (e.g. results/embeddings)")
+    p.add_argument("--layers", nargs="+", default=list(LAYERS), help="modules to capture (default: all six)")
+    p.add_argument("--preprocessing", default="sbssl", choices=("sbssl", "standard"), help="default: %(default)s")
+    p.add_argument("--pooling", default="flatten", choices=("flatten", "mean"), help="default: %(default)s")
+    p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored type (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0, ... (default: %(default)s)")
+    p.add_argument("--similarity-dir", help="also write SIMILARITY_DIR/<model>/<layer>.h5 cosine similarities")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_embed)
     return parser
 
 

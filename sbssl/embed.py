@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -33,6 +33,10 @@ import sbssl
 from sbssl.io import atomic_path
 from sbssl.layers import LAYERS
 from sbssl.similarity import plain_attrs, read_sha256, write_sha256
+from sbssl.stimuli import load_image, sha256_file
+
+if TYPE_CHECKING:
+    from sbssl.models import ModelSpec
 
 #: Side of the square network input, pixels.
 INPUT_SIZE = 224
@@ -132,7 +136,7 @@ class EmbeddingReport:
 
 
 def embed_layers(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Callable[[], torch.nn.Module],
     images: Sequence[tuple[str, str | os.PathLike[str]]],
     out_paths: Mapping[str, str | os.PathLike[str]],
     *,
@@ -147,6 +151,8 @@ def embed_layers(
 ) -> EmbeddingReport:
     """Embed images with ``model`` and write one HDF5 cache file per layer, in one forward pass per batch.
 
+    model: the network, or a zero-argument callable that builds it (called only when some layer must be
+        computed, so a full cache hit loads no weights).
     images: (sha256, path) of each distinct image, in the row order of the outputs.
     out_paths: layer -> .h5 path, one per entry of ``layers`` (module names of ``model``, e.g. ``layer1``).
     attrs: identity of the model, stored and checked on reuse; must hold ``model`` (slug) and
@@ -199,7 +205,7 @@ def embed_layers(
     batches = 0
     if todo:
         batches = _extract(
-            model, images, {layer: (Path(out_paths[layer]), wanted[layer]) for layer in todo},
+            model if isinstance(model, torch.nn.Module) else model(), images, {layer: (Path(out_paths[layer]), wanted[layer]) for layer in todo},
             transform=transform, pooling=pooling, batch_size=batch_size, device=dev, dtype=dtype,
             progress=progress,
         )
@@ -241,11 +247,6 @@ def _reusable(path: Path, wanted: Mapping[str, str], hashes: list[str]) -> bool:
     if cached_hashes is None or rows is None:
         raise ValueError(f"{path}: embeddings file lacks the 'embeddings'/'sha256' datasets; delete it to recompute")
     return cached_hashes == hashes and rows == len(hashes)
-
-
-def _load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def _extract(
@@ -294,7 +295,7 @@ def _extract(
         with torch.inference_mode():
             for b0 in range(0, n, batch_size):
                 chunk = images[b0 : b0 + batch_size]
-                batch = torch.stack([transform(_load_rgb(path)) for _, path in chunk]).to(device)
+                batch = torch.stack([transform(_load_checked(sha, path)) for sha, path in chunk]).to(device)
                 captured.clear()
                 model(batch)
                 batches += 1
@@ -316,9 +317,54 @@ def _extract(
     return batches
 
 
+def _load_checked(sha256: str, path: str | os.PathLike[str]) -> Image.Image:
+    """Decode an image after checking its bytes still have the manifest's hash (a stale manifest would
+    otherwise store one image's embedding under another's hash)."""
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ValueError(
+            f"{path}: file content changed since the manifest was made (sha256 {actual}, manifest says "
+            f"{sha256}); rebuild the stimuli manifest"
+        )
+    return load_image(path)
+
+
 def _create_embeddings(f: h5py.File, n: int, dim: int, dtype: np.dtype) -> h5py.Dataset:
     rows_per_chunk = max(1, min(n, _CHUNK_BYTES // (dim * dtype.itemsize)))
     return f.create_dataset(
         "embeddings", shape=(n, dim), dtype=dtype, chunks=(rows_per_chunk, dim), compression="lzf"
     )
 
+
+
+def embedding_attrs(spec: ModelSpec, weights_path: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """The model identity stored in (and checked against) cache files: ``model`` (zoo slug) and
+    ``weights_sha256`` (hex digest of the weights file, or ``random-init-seed-<seed>`` for a random model)."""
+    if spec.weights is None:
+        return {"model": spec.name, "weights_sha256": f"random-init-seed-{spec.init_seed}"}
+    if weights_path is None:
+        raise ValueError(f"model {spec.name!r} needs its weights file (fetch it with `sbssl fetch-weights`)")
+    return {"model": spec.name, "weights_sha256": sha256_file(weights_path)}
+
+
+def embed_model(
+    spec: ModelSpec,
+    weights_path: str | os.PathLike[str] | None,
+    manifest_path: str | os.PathLike[str],
+    stimuli_root: str | os.PathLike[str],
+    out_paths: Mapping[str, str | os.PathLike[str]],
+    **options,
+) -> EmbeddingReport:
+    """Embed the distinct images of a stimuli manifest with a zoo model: :func:`embed_layers` on
+    ``sbssl.stimuli.distinct_images`` (paths resolved under ``stimuli_root``), the model built with
+    ``sbssl.models.build_model`` only when something must be computed. ``options`` go to :func:`embed_layers`
+    (layers, preprocessing, pooling, batch_size, device, dtype, progress)."""
+    from sbssl.models import build_model
+    from sbssl.stimuli import distinct_images, read_manifest
+
+    root = Path(stimuli_root)
+    images = [(row.sha256, root / row.path) for row in distinct_images(read_manifest(manifest_path)).itertuples()]
+    return embed_layers(
+        lambda: build_model(spec, weights_path), images, out_paths, attrs=embedding_attrs(spec, weights_path),
+        **options,
+    )

@@ -186,3 +186,15 @@ def read_similarity(path: str | os.PathLike[str]) -> SimilarityMatrix:
             "delete it and recompute"
         )
     return SimilarityMatrix(matrix=np.asarray(matrix, dtype=np.float64), sha256=hashes, attrs=attrs)
+
+
+def similarity_is_current(embeddings_path: str | os.PathLike[str], similarity_path: str | os.PathLike[str]) -> bool:
+    """True when ``similarity_path`` exists and was made from an embeddings file with the same attributes and
+    image list as ``embeddings_path`` (so recomputing it would give the same matrix)."""
+    sim = Path(similarity_path)
+    if not sim.is_file():
+        return False
+    with h5py.File(embeddings_path, "r") as f:
+        source_attrs, source_hashes = plain_attrs(f.attrs), read_sha256(f)
+    with h5py.File(sim, "r") as f:
+        return plain_attrs(f.attrs) == source_attrs and "sha256" in f and read_sha256(f) == source_hashes
