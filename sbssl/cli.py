@@ -61,6 +61,26 @@ def _cmd_test_embeddings(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    import json
+
+    from sbssl.models import load_zoo
+    from sbssl.results import read_tests_table, write_study_summary
+
+    # Published rows name tests by title, so they always need a catalogue; our own table only checks ids.
+    catalogue = args.catalogue or ("config/tests.yaml" if args.format == "sbssl-published" else None)
+    tests = read_tests_table(args.results, args.format, catalogue=catalogue)
+    paths = write_study_summary(tests, load_zoo(args.zoo), args.out, heatmap_layer=args.heatmap_layer)
+    meta = json.loads(paths["meta_test"].read_text(encoding="utf-8"))
+    print(
+        f"{args.out}: {len(tests)} per-test rows -> {len(paths)} files; meta-test at {meta['layer']}: "
+        f"paper-compatible p = {meta['p_value']:.4f} ({meta['n_thresholds']} thresholds), "
+        f"robust p = {meta['robust']['p_value']:.4f} ({meta['robust']['n_thresholds']} thresholds), "
+        f"area-under-count-curve p = {meta['alternative']['p_value']:.4f}"
+    )
+    return 0
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -146,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--similarity-dir", help="also write SIMILARITY_DIR/<model>/<layer>.h5 cosine similarities")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("summarize", help="summary table, bias counts, meta-test and figures from per-test results")
+    p.add_argument("--results", required=True, help="per-test CSV (one row per model, layer, test, seed)")
+    p.add_argument(
+        "--format", choices=["sbssl", "sbssl-published"], default="sbssl",
+        help="sbssl: our tests.csv; sbssl-published: the SB-SSL authors' rows (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--zoo", default="config/models.yaml", help="model zoo (default: %(default)s)")
+    p.add_argument(
+        "--catalogue", help="test catalogue (default: config/tests.yaml for sbssl-published, none otherwise)"
+    )
+    p.add_argument("--heatmap-layer", default="avgpool", help="layer of the d heat map (default: %(default)s)")
+    p.add_argument("--out", required=True, help="folder for summary.csv, counts.csv, meta_test.json, figures/")
+    p.set_defaults(func=_cmd_summarize)
     return parser
 
 
