@@ -35,9 +35,8 @@ def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_similarity(key: tuple[str, int, int]) -> tuple[SimilarityMatrix, dict[str, int]]:
-    similarity = read_similarity(key[0])
-    return similarity, {sha: i for i, sha in enumerate(similarity.sha256)}
+def _cached_similarity(key: tuple[str, int, int]) -> SimilarityMatrix:
+    return read_similarity(key[0])
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,23 +44,15 @@ def _cached_manifest(key: tuple[str, int, int]) -> pd.DataFrame:
     return read_manifest(key[0])
 
 
-def concept_indices(
-    manifest: pd.DataFrame, rows: Mapping[str, int], concept: str, *, role: str, source: str
-) -> np.ndarray:
-    """Row indices into the similarity matrix of every usable image of ``concept`` (one per file).
+def concept_indices(manifest: pd.DataFrame, similarity: SimilarityMatrix, concept: str, *, role: str) -> np.ndarray:
+    """Row indices into ``similarity`` of every usable image of ``concept`` (one per file, repeats kept).
 
-    ``role`` (X, Y, A or B) and ``source`` (the similarity file) only make errors precise.
+    ``role`` (X, Y, A or B) makes the error precise.
     """
     shas = concept_images(manifest, concept)
     if not shas:
         raise ValueError(f"{role} = {concept!r} has no usable images in the stimuli manifest; check the folder")
-    missing = [sha for sha in shas if sha not in rows]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} image(s) of {role} = {concept!r} are not in {source} (first sha256 {missing[0][:12]}); "
-            "the similarity file is older than the manifest: rerun its embedding job"
-        )
-    return np.fromiter((rows[sha] for sha in shas), dtype=np.intp, count=len(shas))
+    return similarity.indices(shas)
 
 
 def run_association_test(
@@ -81,13 +72,9 @@ def run_association_test(
     ``test`` is a catalogue entry (keys id, title, group, x, y, a, b). The keys of the result are
     :data:`TESTS_TABLE_COLUMNS`; ``d`` is the effect size, ``p`` the permutation p-value.
     """
-    similarity, rows = _cached_similarity(_file_key(similarity_path))
+    similarity = _cached_similarity(_file_key(similarity_path))
     manifest = _cached_manifest(_file_key(manifest_path))
-    source = str(similarity_path)
-    idx = {
-        role: concept_indices(manifest, rows, test[role.lower()], role=role, source=source)
-        for role in ("X", "Y", "A", "B")
-    }
+    idx = {role: concept_indices(manifest, similarity, test[role.lower()], role=role) for role in ("X", "Y", "A", "B")}
     result = association_test_from_similarity(
         similarity.matrix, idx["X"], idx["Y"], idx["A"], idx["B"],
         permutations=permutations, seed=seed, alternative=alternative,
