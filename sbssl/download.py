@@ -22,28 +22,24 @@ class HashMismatchError(ValueError):
     """The downloaded bytes do not have the expected digest (never retried: the source itself is wrong)."""
 
 
-def _digests(path: Path) -> tuple[str, str]:
-    """(sha256 hex, md5 hex) of a file, read once in chunks."""
-    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while block := handle.read(_CHUNK):
-            sha.update(block)
-            md5.update(block)
-    return sha.hexdigest(), md5.hexdigest()
-
-
 def _mismatch(path: Path, sha256: str | None, sha256_prefix: str | None, md5_prefix: str | None) -> str | None:
     """None when ``path`` matches every given expectation, else a message with expected and actual digests."""
-    if not (sha256 or sha256_prefix or md5_prefix):
+    wanted = {"sha256": bool(sha256 or sha256_prefix), "md5": bool(md5_prefix)}
+    if not any(wanted.values()):
         return None
-    actual_sha, actual_md5 = _digests(path)
+    hashers = {name: hashlib.new(name, usedforsecurity=False) for name, want in wanted.items() if want}
+    with open(path, "rb") as handle:
+        while block := handle.read(_CHUNK):
+            for hasher in hashers.values():
+                hasher.update(block)
+    actual = {name: hasher.hexdigest() for name, hasher in hashers.items()}
     problems = []
-    if sha256 and actual_sha != sha256.lower():
-        problems.append(f"sha256 expected {sha256.lower()}, got {actual_sha}")
-    if sha256_prefix and not actual_sha.startswith(sha256_prefix.lower()):
-        problems.append(f"sha256 expected to start with {sha256_prefix.lower()}, got {actual_sha}")
-    if md5_prefix and not actual_md5.startswith(md5_prefix.lower()):
-        problems.append(f"md5 expected to start with {md5_prefix.lower()}, got {actual_md5}")
+    if sha256 and actual["sha256"] != sha256.lower():
+        problems.append(f"sha256 expected {sha256.lower()}, got {actual['sha256']}")
+    if sha256_prefix and not actual["sha256"].startswith(sha256_prefix.lower()):
+        problems.append(f"sha256 expected to start with {sha256_prefix.lower()}, got {actual['sha256']}")
+    if md5_prefix and not actual["md5"].startswith(md5_prefix.lower()):
+        problems.append(f"md5 expected to start with {md5_prefix.lower()}, got {actual['md5']}")
     return "; ".join(problems) or None
 
 

@@ -252,6 +252,7 @@ def convert_checkpoint(obj: Any, fmt: str) -> dict[str, "torch.Tensor"]:
 def load_checkpoint(path: str | os.PathLike[str], fmt: str) -> dict[str, "torch.Tensor"]:
     """``torch.load`` (CPU, ``weights_only=True``) then :func:`convert_checkpoint`; errors name the file."""
     import pickle
+    import struct
 
     import torch
 
@@ -265,7 +266,7 @@ def load_checkpoint(path: str | os.PathLike[str], fmt: str) -> dict[str, "torch.
             f"{file}: refused to unpickle: it holds objects other than tensors and plain containers "
             f"(weights_only=True never runs code from a downloaded file): {exc}"
         ) from exc
-    except (RuntimeError, EOFError) as exc:
+    except (RuntimeError, EOFError, struct.error, UnicodeDecodeError) as exc:
         raise ValueError(f"{file}: not a readable PyTorch checkpoint ({exc}); delete it and fetch again") from exc
     try:
         return convert_checkpoint(obj, fmt)
@@ -276,8 +277,8 @@ def load_checkpoint(path: str | os.PathLike[str], fmt: str) -> dict[str, "torch.
 def build_model(spec: ModelSpec, weights_path: str | os.PathLike[str] | None = None) -> "torch.nn.Module":
     """A torchvision ``resnet50`` in eval mode: seeded random init, or ``weights_path`` loaded strictly.
 
-    Construction is seeded (``init_seed`` for random models, 0 otherwise, so a classifier absent from the
-    checkpoint is reproducible too) inside a forked RNG, leaving the caller's global torch RNG untouched.
+    Random models are torchvision's own init seeded with ``init_seed``; a classifier absent from a checkpoint
+    is initialised with seed 0. Both happen inside a forked RNG, leaving the caller's global torch RNG untouched.
     Missing or unexpected keys and shape mismatches raise ValueError listing the keys by name.
     """
     import torch
@@ -285,16 +286,19 @@ def build_model(spec: ModelSpec, weights_path: str | os.PathLike[str] | None = N
 
     if spec.architecture not in ARCHITECTURES:
         raise ValueError(f"model {spec.name!r}: architecture {spec.architecture!r} is not supported")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.init_seed if spec.init_seed is not None else 0)
-        model = resnet50(weights=None)
     if spec.weights is None:
         if weights_path is not None:
             raise ValueError(f"model {spec.name!r} is randomly initialised; do not pass weights ({weights_path})")
-        return model.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed if spec.init_seed is not None else 0)
+            return resnet50(weights=None).eval()
     if weights_path is None:
         raise ValueError(f"model {spec.name!r} needs its weights file (fetch it with `sbssl fetch-weights`)")
     state = load_checkpoint(weights_path, spec.weights.format)
+    # Build without running the random init (slow, and overwritten anyway): allocate, then fill below.
+    with torch.device("meta"):
+        model = resnet50(weights=None)
+    model = model.to_empty(device="cpu")
     expected = model.state_dict()
     optional = {k for k in expected if k.startswith("fc.") or k.endswith("num_batches_tracked")}
     missing = sorted(set(expected) - set(state) - optional)
@@ -314,6 +318,14 @@ def build_model(spec: ModelSpec, weights_path: str | os.PathLike[str] | None = N
             f"{weights_path}: does not match torchvision resnet50 as format {spec.weights.format!r} "
             f"for model {spec.name!r}: " + "; ".join(parts)
         )
+    # What the file may lack gets defined values: a seeded classifier (unused by the embeddings, but
+    # reproducible) and zeroed BatchNorm counters; the checkpoint then overwrites whatever it has.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model.fc.reset_parameters()
+    for name, buffer in model.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            buffer.zero_()
     model.load_state_dict(state, strict=False)  # strictness checked above, allowing only fc/counters absent
     return model.eval()
 
