@@ -272,8 +272,34 @@ def _write_zoo(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
         (lambda d: d.pop("models"), r"top-level 'models:'"),
     ],
 )
-def test_zoo_validation_names_model_and_key(tmp_path: Path, edit: Callable[[dict[str, Any]], None], pattern: str) -> None:
+def test_zoo_validation_names_model_and_key(
+    tmp_path: Path, edit: Callable[[dict[str, Any]], None], pattern: str
+) -> None:
     path = _write_zoo(tmp_path, edit)
     with pytest.raises(ValueError, match=pattern) as info:
         load_zoo(path)
     assert str(path) in str(info.value)
+
+
+def test_fetch_weights_command(
+    original: dict[str, torch.Tensor], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sbssl.cli import main
+
+    source = tmp_path / "resnet50-published.pth"
+    torch.save(original, source)
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text(yaml.safe_dump({"models": {
+        "tv": {"title": "TV", "family": "supervised", "architecture": "resnet50", "imagenet_top1": 76.1,
+               "weights": {"url": source.as_uri(), "format": "torchvision",
+                           "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}},
+        "random_1": {"title": "Random 1", "family": "random", "architecture": "resnet50", "init_seed": 1},
+    }}))
+    dest = tmp_path / "pretrains"
+    args = ["fetch-weights", "--zoo", str(zoo), "--model", "tv", "random_1", "--dest", str(dest), "--quiet"]
+    assert main(args) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["tv.pth"]
+    assert (dest / "tv.pth").read_bytes() == source.read_bytes()
+    assert "random_1: random initialisation" in capsys.readouterr().out
+    assert main(["fetch-weights", "--zoo", str(zoo), "--model", "byol", "--dest", str(dest)]) == 2
+    assert "'byol'" in capsys.readouterr().err

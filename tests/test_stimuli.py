@@ -252,3 +252,17 @@ def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
     exif[0x0112] = 6  # stored landscape, displayed rotated 90 degrees
     path = _save(tmp_path / "rot.jpg", img, "JPEG", exif=exif.tobytes())
     assert load_image(path).size == (2, 4)
+
+
+def test_manifest_command(small_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sbssl.cli import main
+
+    out = tmp_path / "results" / "manifest.csv"
+    assert main(["manifest", "--stimuli", str(small_tree), "--out", str(out)]) == 0
+    pd.testing.assert_frame_equal(read_manifest(out), build_manifest(small_tree))
+    assert "4 files, 3 distinct images" in capsys.readouterr().out
+    (small_tree / "cat" / "a" / "bad.jpg").write_bytes(b"junk")
+    assert main(["manifest", "--stimuli", str(small_tree), "--out", str(out)]) == 2
+    assert "bad.jpg" in capsys.readouterr().err
+    assert main(["manifest", "--stimuli", str(small_tree), "--out", str(out), "--skip-bad"]) == 0
+    assert _row(read_manifest(out), "cat/a/bad.jpg")["status"] == "unreadable"
