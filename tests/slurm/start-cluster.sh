@@ -2,7 +2,8 @@
 # Start a one-node SLURM cluster on 127.0.0.1 for tests/test_slurm.py (needs root; Debian/Ubuntu).
 #
 # Idempotent: installs slurm-wlm + munge only when missing, writes its own slurm.conf under the state
-# directory (never /etc/slurm/slurm.conf; clients find it through SLURM_CONF), starts munged (only when
+# directory (clients find it through SLURM_CONF; since srun inside jobs ignores SLURM_CONF, it is also
+# linked as /etc/slurm/slurm.conf when that path is free, never replacing one), starts munged (only when
 # no munged runs already), slurmctld and slurmd as root in daemon mode with PID files, and records in
 # $STATE/started which daemons it started, so stop-cluster.sh ends only those. A second call while our
 # cluster is up only checks it.
@@ -11,12 +12,14 @@
 # Usage:  tests/slurm/start-cluster.sh            (then: export SLURM_CONF=$STATE/etc/slurm.conf)
 # Env:    SBSSL_SLURM_STATE  state directory        [/tmp/sbssl-slurm]
 #         SBSSL_SLURM_MIN_JOB_AGE  MinJobAge seconds; the executor's squeue status mode needs
-#                            >= 3x slurm-init-seconds-before-status-checks     [300]
-# Prints `SLURM_CONF=<path>` as its last line. Exit codes: 0 up, 2 cannot install/start, 3 foreign SLURM.
+#                            >= 3x slurm-init-seconds-before-status-checks; finished jobs stay
+#                            visible to `squeue -t all` that long (no accounting database) [3600]
+# Prints `SLURM_CONF=<path>` as its last line. Exit codes: 0 up, 2 cannot install/start,
+# 3 a foreign SLURM daemon or /etc/slurm/slurm.conf is there.
 set -euo pipefail
 
 STATE=${SBSSL_SLURM_STATE:-/tmp/sbssl-slurm}
-MIN_JOB_AGE=${SBSSL_SLURM_MIN_JOB_AGE:-300}
+MIN_JOB_AGE=${SBSSL_SLURM_MIN_JOB_AGE:-3600}
 CONF=$STATE/etc/slurm.conf
 STARTED=$STATE/started
 
@@ -149,6 +152,21 @@ $HWLINE State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 EOF
 log "wrote $CONF ($HWLINE)"
+
+# The SLURM jobstep executor strips SLURM_* variables (SLURM_CONF included) before the `srun` it runs
+# inside every job, so that srun only finds the default /etc/slurm/slurm.conf. Link ours there when
+# that path is free; a slurm.conf we did not put there is never replaced.
+ETC_CONF=/etc/slurm/slurm.conf
+if [[ -L $ETC_CONF && "$(readlink "$ETC_CONF")" == "$CONF" ]]; then
+  :
+elif [[ -e $ETC_CONF || -L $ETC_CONF ]]; then
+  die "$ETC_CONF exists and is not ours: jobs' nested srun would read it instead of $CONF; refusing to replace it (move it away to run the test cluster)" 3
+else
+  mkdir -p /etc/slurm
+  ln -s "$CONF" "$ETC_CONF"
+  echo etc-link >>"$STARTED"
+  log "linked $ETC_CONF -> $CONF"
+fi
 
 # --- daemons -----------------------------------------------------------------------------------
 timeout 30 slurmctld -f "$CONF" || die "slurmctld did not start; see $STATE/log/slurmctld.log"

@@ -58,6 +58,13 @@ if [[ -f $STARTED ]]; then
       stop munged /run/munge/munged.pid
     fi
   fi
+  if grep -qx etc-link "$STARTED"; then
+    # Only the link start-cluster.sh made, and only while it still points at our config.
+    if [[ -L /etc/slurm/slurm.conf && "$(readlink /etc/slurm/slurm.conf)" == "$STATE/etc/slurm.conf" ]]; then
+      rm -f /etc/slurm/slurm.conf
+      log "removed the /etc/slurm/slurm.conf link"
+    fi
+  fi
   echo -n "${keep:+$keep$'\n'}" >"$STARTED"
 else
   log "nothing recorded in $STARTED; nothing to stop"
