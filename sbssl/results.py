@@ -19,6 +19,7 @@ import pandas as pd
 
 from sbssl.io import atomic_path, write_json_atomic
 from sbssl.layers import LAYERS
+from sbssl.stats import adjust_p_values
 
 #: Name of the model that stands for the mean over the random family's instances (as in the paper).
 RANDOM_MODEL = "random"
@@ -218,7 +219,7 @@ def summarize(tests: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> pd.D
         raise ValueError(f"per-test table: model name {RANDOM_MODEL!r} is reserved for the mean of the "
                          "random family; rename that model")
     columns = ["model", "family", "layer", "test", "seed", "d", "p", "p_floor"]
-    per_seed = tests[columns].assign(n_instances=1)
+    per_seed = tests.reindex(columns=columns).assign(n_instances=1)  # p_floor may be absent
     per_seed["p_floor"] = per_seed["p_floor"].astype(float)
     random_rows = per_seed[per_seed["family"] == RANDOM_FAMILY]
     if len(random_rows):
@@ -227,8 +228,9 @@ def summarize(tests: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> pd.D
     index = ["model", "layer", "test"]
     keys, p = _wide(per_seed, index, "seed", "p")
     summary = keys.to_frame(index=False)
-    summary["d"] = _mean_axis0(_wide(per_seed, index, "seed", "d")[1])
-    summary["d_std"] = _spread(_wide(per_seed, index, "seed", "d")[1])[0]
+    d = _wide(per_seed, index, "seed", "d")[1]
+    summary["d"] = _mean_axis0(d)
+    summary["d_std"] = _spread(d)[0]
     summary["p"] = _mean_axis0(p)
     summary["p_std"], summary["p_min"], summary["p_max"] = _spread(p)
     summary["n_seeds"] = (~np.isnan(p)).sum(axis=0)
@@ -245,10 +247,8 @@ def summarize(tests: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> pd.D
     test_rank = {t: i for i, t in enumerate(titles.index)}
     summary = summary.sort_values(
         ["model", "layer", "test"],
-        key=lambda s: s.map({"model": model_rank, "layer": layer_rank, "test": test_rank}[s.name]).fillna(len(LAYERS)),
+        key=lambda s: s.map({"model": model_rank, "layer": layer_rank, "test": test_rank}[s.name]).fillna(1e9),
     ).reset_index(drop=True)
-
-    from sbssl.stats import adjust_p_values
 
     # statsmodels' Holm calls gc.collect() each time (~50 ms with pandas loaded, x 100+ groups); frozen
     # objects are skipped by the collector, and nothing here creates reference cycles.
