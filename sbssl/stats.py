@@ -23,8 +23,9 @@ decides true ties, always in the conservative direction (as the reference's ``si
 Two entry points share one core: :func:`association_test` (raw embeddings, cosine computed in float64)
 and :func:`association_test_from_similarity` (index arrays into a precomputed cosine-similarity matrix;
 what the workflow uses). Nothing loops in Python per permutation: splits are generated in chunks
-(``itertools.combinations`` consumed by ``numpy.fromiter``, or ``Generator.permuted``) and summed with
-numpy, so memory stays bounded (``_CHUNK_ELEMENTS``) and the same seed gives identical bytes.
+(``itertools.combinations`` consumed by ``numpy.fromiter``, or :func:`random_splits`, a partial
+Fisher-Yates shuffle vectorised across splits) and summed with numpy, so memory stays bounded
+(``_CHUNK_ELEMENTS``) and the same seed gives identical bytes.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class EffectSizeCI:
 
 
 def _as_embeddings(name: str, arr: Any, dim: int | None = None) -> np.ndarray:
-    """(n, D) float64 copy of one set of embeddings, or ValueError naming the set."""
+    """Unit-length (n, D) float64 copy of one set of embeddings, or ValueError naming the set."""
     try:
         out = np.array(arr, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -107,13 +108,16 @@ def _as_embeddings(name: str, arr: Any, dim: int | None = None) -> np.ndarray:
         raise ValueError(f"{name}: embeddings have zero dimensions")
     if dim is not None and out.shape[1] != dim:
         raise ValueError(f"{name}: dimension {out.shape[1]} does not match X's dimension {dim}")
-    bad = ~np.isfinite(out).all(axis=1)
-    if bad.any():
-        raise ValueError(f"{name}: NaN or inf in row(s) {np.flatnonzero(bad).tolist()}")
-    norms = np.linalg.norm(out, axis=1)
-    if (norms == 0).any():
-        raise ValueError(f"{name}: zero vector(s) in row(s) {np.flatnonzero(norms == 0).tolist()} (cosine undefined)")
-    return out / norms[:, None]
+    if not np.isfinite(out).all():
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1)).tolist()
+        raise ValueError(f"{name}: NaN or inf in row(s) {bad}")
+    # Scale each row by its largest |value| first so the norm neither overflows nor underflows.
+    peak = np.abs(out).max(axis=1)
+    if (peak == 0).any():
+        raise ValueError(f"{name}: zero vector(s) in row(s) {np.flatnonzero(peak == 0).tolist()} (cosine undefined)")
+    out /= peak[:, None]
+    out /= np.linalg.norm(out, axis=1)[:, None]
+    return out
 
 
 def _as_indices(name: str, idx: Any, n: int) -> np.ndarray:
@@ -180,20 +184,32 @@ def _exact_split_sums(s: np.ndarray, n_x: int) -> Iterator[np.ndarray]:
         yield s[flat.reshape(-1, n_x)].sum(axis=1)
 
 
-def _random_split_sums(s: np.ndarray, n_x: int, count: int, seed: int) -> Iterator[np.ndarray]:
-    """sum_X' s for ``count`` uniform random splits: row-wise shuffles of 0..n-1 from default_rng(seed).
+def random_splits(n: int, n_x: int, count: int, seed: int) -> Iterator[np.ndarray]:
+    """X sides of ``count`` uniformly random splits of ``range(n)``, in chunks of shape (splits, n_x).
 
-    ``Generator.permuted`` shuffles rows one after another from one stream, so the draws equal
-    ``count`` successive ``rng.permutation(n)`` calls whatever the chunk size.
+    Split k is a partial Fisher-Yates shuffle of ``arange(n)``: with ``j = rng.integers(arange(n_x), n)``
+    (rng = ``numpy.random.default_rng(seed)``), swap positions i and j[i] for i = 0 .. n_x-1 and keep the
+    first n_x entries. The j of all splits in a chunk are drawn at once in row order, which consumes the
+    stream exactly as successive per-split draws do, so the result does not depend on the chunk size and
+    the first k splits are the same for any ``count`` >= k. The swaps run on every split of a chunk at
+    once: one Python step per X position, none per split.
     """
     rng = np.random.default_rng(seed)
-    rows = max(1, _CHUNK_ELEMENTS // s.size)
-    base = np.arange(s.size, dtype=np.intp)
+    lows = np.arange(n_x)
+    rows = max(1, _CHUNK_ELEMENTS // n)
     done = 0
     while done < count:
         m = min(rows, count - done)
-        perms = rng.permuted(np.tile(base, (m, 1)), axis=1)
-        yield s[perms[:, :n_x]].sum(axis=1)
+        targets = rng.integers(lows, n, size=(m, n_x))
+        perm = np.repeat(np.arange(n, dtype=np.intp)[:, None], m, axis=1)  # column k = split k
+        flat = perm.reshape(-1)
+        cols = np.arange(m)
+        for i in range(n_x):
+            idx = targets[:, i] * m + cols
+            head = perm[i].copy()
+            perm[i] = flat[idx]
+            flat[idx] = head
+        yield perm[:n_x].T
         done += m
 
 
@@ -209,7 +225,7 @@ def _permutation_p(
         sums = _exact_split_sums(s, n_x)
         total, ge, le = 0, 0, 0
     else:
-        sums = _random_split_sums(s, n_x, permutations - 1, seed)
+        sums = (s[split].sum(axis=1) for split in random_splits(s.size, n_x, permutations - 1, seed))
         total, ge, le = 1, 1, 1  # the observed split
     for chunk in sums:
         total += chunk.size

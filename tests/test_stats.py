@@ -86,6 +86,9 @@ def test_cosine_is_scale_invariant_and_computed_in_float64():
     scaled = association_test(X * 3.0, Y * np.arange(1, 7)[:, None], A * 1e-3, B * 7.0)
     assert scaled.effect_size == pytest.approx(ref.effect_size, abs=1e-12)
     assert scaled.p_value == ref.p_value
+    huge = association_test(X * 1e300, Y * 1e-290, A * 1e200, B * 1e-280)  # norms would overflow or underflow
+    assert huge.effect_size == pytest.approx(ref.effect_size, abs=1e-12)
+    assert huge.p_value == ref.p_value
     as32 = [m.astype(np.float32) for m in (X, Y, A, B)]
     from64 = association_test(*[m.astype(np.float64) for m in as32])
     assert association_test(*as32).as_dict() == from64.as_dict()
@@ -210,18 +213,39 @@ def test_same_seed_identical_bytes_different_seed_differs():
     assert association_test(X, Y, A, B, seed=43).p_value != one.p_value
 
 
-def test_sampled_p_is_independent_of_chunk_size_and_equals_successive_permutations(monkeypatch):
-    """The documented draw: permutations - 1 successive rng.permutation(n) calls of default_rng(seed)."""
+def test_sampled_p_counts_the_documented_random_splits():
     X, Y, A, B = _sets(15, n_x=9, n_y=9, shift=0.2)
-    ref = association_test(X, Y, A, B, permutations=3_000, seed=7)
-    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 50)
-    assert association_test(X, Y, A, B, permutations=3_000, seed=7) == ref
-
+    res = association_test(X, Y, A, B, permutations=3_000, seed=7)
     s = stats._scores(*stats._blocks_from_embeddings(X, Y, A, B)[:2])
-    rng = np.random.default_rng(7)
     observed = s[:9].sum()
-    hits = 1 + sum(s[rng.permutation(18)[:9]].sum() >= observed for _ in range(2_999))
-    assert ref.p_value == hits / 3_000
+    splits = np.concatenate(list(stats.random_splits(18, 9, 2_999, seed=7)))
+    assert splits.shape == (2_999, 9)
+    hits = 1 + sum(s[split].sum() >= observed for split in splits)
+    assert res.p_value == hits / 3_000
+
+
+def test_random_splits_are_uniform_seeded_and_chunk_invariant(monkeypatch):
+    splits = np.concatenate(list(stats.random_splits(5, 2, 30_000, seed=1)))
+    assert splits.shape == (30_000, 2) and (splits[:, 0] != splits[:, 1]).all()
+    counts = np.unique(np.sort(splits, axis=1), axis=0, return_counts=True)[1]
+    assert counts.size == 10  # all C(5, 2) subsets, equally often
+    assert np.abs(counts - 3_000).max() < 5 * math.sqrt(3_000)
+    assert not (np.concatenate(list(stats.random_splits(5, 2, 30_000, seed=2))) == splits).all()
+    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 4_000)  # many chunks: same draws
+    chunks = list(stats.random_splits(5, 2, 30_000, seed=1))
+    assert len(chunks) > 1 and (np.concatenate(chunks) == splits).all()
+    assert (np.concatenate(list(stats.random_splits(5, 2, 100, seed=1))) == splits[:100]).all()
+
+
+def test_random_splits_follow_the_documented_per_split_draw():
+    rng = np.random.default_rng(9)
+    expected = []
+    for _ in range(200):
+        order = list(range(11))
+        for i, j in enumerate(rng.integers(np.arange(4), 11)):
+            order[i], order[j] = order[j], order[i]
+        expected.append(order[:4])
+    assert (np.concatenate(list(stats.random_splits(11, 4, 200, seed=9))) == np.array(expected)).all()
 
 
 # --------------------------------------------------------------------------- bootstrap
