@@ -249,8 +249,31 @@ def convert_checkpoint(obj: Any, fmt: str) -> dict[str, "torch.Tensor"]:
     return dict(state)
 
 
+class _Inert:
+    """Stands in for any non-tensor object class in a checkpoint (logs, numpy metadata): it keeps the
+    arguments it is given and runs nothing, so the unpickler never imports or calls code named by the file."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+# torch's weights_only unpickler names the first global it refuses in its error message.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+_MAX_INERT_GLOBALS = 64
+
+
 def load_checkpoint(path: str | os.PathLike[str], fmt: str) -> dict[str, "torch.Tensor"]:
-    """``torch.load`` (CPU, ``weights_only=True``) then :func:`convert_checkpoint`; errors name the file."""
+    """``torch.load`` (CPU, ``weights_only=True``) then :func:`convert_checkpoint`; errors name the file.
+
+    Published checkpoints carry training metadata besides the weights (MMSelfSup 1.x keeps mmengine's
+    ``message_hub`` log buffers and numpy values). The weights_only unpickler refuses such classes; each
+    refused global is then mapped to an inert stand-in (:class:`_Inert`) and the load retried, so the
+    tensors load while no code named by the file is ever imported or run. The converted result must
+    consist of tensors only, so a stand-in can never end up among the weights.
+    """
     import pickle
     import struct
 
@@ -259,15 +282,24 @@ def load_checkpoint(path: str | os.PathLike[str], fmt: str) -> dict[str, "torch.
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {file} not found (fetch it with `sbssl fetch-weights`)")
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"{file}: refused to unpickle: it holds objects other than tensors and plain containers "
-            f"(weights_only=True never runs code from a downloaded file): {exc}"
-        ) from exc
-    except (RuntimeError, EOFError, struct.error, UnicodeDecodeError) as exc:
-        raise ValueError(f"{file}: not a readable PyTorch checkpoint ({exc}); delete it and fetch again") from exc
+    inert: list[tuple[Any, str]] = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(inert):
+                obj = torch.load(file, map_location="cpu", weights_only=True)
+            break
+        except pickle.UnpicklingError as exc:
+            refused = _REFUSED_GLOBAL.search(str(exc))
+            # builtins are printed bare ("getattr") but allowlisted by their full name
+            name = "" if refused is None else refused.group(1)
+            name = name if "." in name or not name else f"builtins.{name}"
+            if not name or len(inert) >= _MAX_INERT_GLOBALS or name in {n for _, n in inert}:
+                raise ValueError(
+                    f"{file}: refused to unpickle (weights_only=True never runs code from a downloaded file): {exc}"
+                ) from exc
+            inert.append((_Inert, name))
+        except (RuntimeError, EOFError, struct.error, UnicodeDecodeError) as exc:
+            raise ValueError(f"{file}: not a readable PyTorch checkpoint ({exc}); delete it and fetch again") from exc
     try:
         return convert_checkpoint(obj, fmt)
     except ValueError as exc:

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -38,11 +40,20 @@ def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return {prefix + k: v for k, v in sd.items()}
 
 
+class _HistoryBuffer:
+    """Like mmengine's log buffer that MMSelfSup 1.x files keep in ``message_hub`` (a class torch refuses)."""
+
+    def __init__(self) -> None:
+        self.values = np.array([0.5, 0.25])
+        self.count = np.int64(2)
+
+
 # Each builder writes the layout the source project publishes (see shared/models/zoo.md).
 LAYOUTS: dict[str, Callable[[dict[str, torch.Tensor]], Any]] = {
     # MMSelfSup 1.x: the whole algorithm, backbone.* plus neck, head and a momentum encoder
     "mmselfsup": lambda sd: {
-        "meta": {"epoch": 200, "mmselfsup_version": "1.0.0"},
+        "meta": {"epoch": 200, "mmselfsup_version": "1.0.0", "seed": np.int64(0)},
+        "message_hub": {"log_scalars": {"train/loss": _HistoryBuffer()}},
         "state_dict": {
             **_prefixed(_backbone(sd), "backbone."),
             **_prefixed(_backbone(sd), "momentum_encoder.module.0."),
@@ -99,7 +110,8 @@ def test_every_format_has_a_layout_test() -> None:
 def test_fetch_convert_build_round_trip(fmt: str, original: dict[str, torch.Tensor], tmp_path: Path) -> None:
     source = tmp_path / "published" / f"ckpt_{fmt}.pth"
     source.parent.mkdir()
-    torch.save(LAYOUTS[fmt](original), source)
+    # MMSelfSup's publish_model.py writes the legacy (non-zip) serialization
+    torch.save(LAYOUTS[fmt](original), source, _use_new_zipfile_serialization=fmt != "mmselfsup")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     spec = ModelSpec(
         f"m_{fmt}", fmt, "contrastive", None, 50.0, "resnet50",
@@ -167,20 +179,28 @@ def test_missing_batchnorm_counters_are_allowed(original: dict[str, torch.Tensor
 
 
 class _Exploit:
-    """Pickles as a call that would create a file when unpickled without weights_only."""
+    """Pickles as a call that would write a file when unpickled without weights_only."""
 
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
+    def __init__(self, source: Path, marker: Path) -> None:
+        self.source, self.marker = source, marker
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Path.touch, (self.marker,))
+        return (shutil.copyfile, (str(self.source), str(self.marker)))
 
 
 def test_checkpoints_are_loaded_weights_only(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "payload": _Exploit(marker)}, path)
-    with pytest.raises(ValueError, match=r"evil\.pth: refused to unpickle"):
+    source = tmp_path / "any-file"
+    source.write_text("x")
+    weights = {"conv1.weight": torch.ones(1)}
+    torch.save({"state_dict": weights, "payload": _Exploit(source, marker)}, path)
+    # the refused global becomes an inert stand-in: the weights load, the payload's call never happens
+    assert load_checkpoint(path, "torchvision") == weights
+    assert not marker.exists()
+    # where the refused object sits among the weights, it is not a tensor and is rejected
+    torch.save({"conv1.weight": _Exploit(source, marker)}, path)
+    with pytest.raises(ValueError, match=r"evil\.pth: 'torchvision' checkpoint has non-tensor entries.*conv1"):
         load_checkpoint(path, "torchvision")
     assert not marker.exists()
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
