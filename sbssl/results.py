@@ -261,11 +261,28 @@ def summarize(tests: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> pd.D
             summary[f"p_{method}_study"] = adjust_p_values(summary["p"].to_numpy(), method)
     finally:
         gc.unfreeze()
-    return summary[[
-        "model", "family", "layer", "test", "title", "group", "d", "d_std", "p", "p_std", "p_min", "p_max",
-        "n_seeds", "n_instances", "p_floor", "p_holm_model_layer", "p_bh_model_layer", "p_holm_study",
-        "p_bh_study",
-    ]]
+    return summary[list(SUMMARY_COLUMNS)]
+
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "model", "family", "layer", "test", "title", "group", "d", "d_std", "p", "p_std", "p_min", "p_max",
+    "n_seeds", "n_instances", "p_floor", "p_holm_model_layer", "p_bh_model_layer", "p_holm_study",
+    "p_bh_study",
+)
+
+
+def read_summary(path: str | Path) -> pd.DataFrame:
+    """Read a ``summary.csv`` written from :func:`summarize`.
+
+    pandas writes floats as shortest round-trip reprs and (since 3.0) parses them exactly, so the p-values
+    come back bit for bit, as the meta-test's distinct-p thresholds need (tests/test_results.py checks it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"summary table not found: {path}")
+    summary = pd.read_csv(path)
+    _missing_columns_error(summary, SUMMARY_COLUMNS, str(path))
+    return summary
 
 
 def figure_models(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> list[str]:

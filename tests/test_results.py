@@ -8,10 +8,13 @@ import pandas as pd
 import pytest
 
 from sbssl.cli import main
+from sbssl.meta import meta_test
+from sbssl.models import load_zoo
 from sbssl.results import (
     TESTS_COLUMNS,
     bias_counts,
     figure_models,
+    read_summary,
     read_tests_table,
     summarize,
 )
@@ -184,8 +187,18 @@ def test_published_counts_at_gap_equal_the_paper(published_summary_dir):
     assert got == PAPER_GAP_COUNTS
 
 
+def test_summary_csv_round_trips_bit_for_bit(published_summary_dir, repo_dir, tmp_path):
+    # The DAG runs the meta-test on summary.csv read back: it must give the same thresholds.
+    summary = read_summary(published_summary_dir / "summary.csv")
+    result = meta_test(summary, load_zoo(repo_dir / "config" / "models.yaml"))
+    assert (round(result.p_value, 4), result.n_thresholds) == (0.0493, 142)
+    with pytest.raises(ValueError, match=r"x\.csv: missing column\(s\) d_std"):
+        summary.drop(columns=["d_std"]).to_csv(tmp_path / "x.csv", index=False)
+        read_summary(tmp_path / "x.csv")
+
+
 def test_cli_writes_summary_meta_test_and_figures(published_summary_dir):
-    summary = pd.read_csv(published_summary_dir / "summary.csv")
+    summary = read_summary(published_summary_dir / "summary.csv")
     # 16 published models + the mean `random`, 6 layers, 39 tests
     assert len(summary) == 17 * 6 * 39 and set(summary["n_seeds"]) == {3}
     meta = json.loads((published_summary_dir / "meta_test.json").read_text())
