@@ -76,6 +76,14 @@ def discover(root: str | os.PathLike[str]) -> list[str]:
     return sorted(found)
 
 
+def _read(file: Path) -> bytes:
+    """The file's bytes; an OS error (e.g. permissions) is a ValueError like a corrupt image."""
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot be read ({exc}); fix the file or set skip_bad") from exc
+
+
 def _decode(data: bytes, label: str) -> tuple[str, int, int]:
     """Fully decode image bytes; return (format, width, height) or raise ValueError naming ``label``."""
     try:
@@ -104,9 +112,9 @@ def build_manifest(root: str | os.PathLike[str], skip_bad: bool = False) -> pd.D
         raise ValueError(f"no images found under {base}; expected <category>/<concept>/<image> files")
     for rel in paths:
         file = base / rel
-        data = file.read_bytes()
         concept = PurePosixPath(rel).parent.as_posix()
         try:
+            data = _read(file)
             fmt, width, height = _decode(data, str(file))
         except ValueError:
             if not skip_bad:

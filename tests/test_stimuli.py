@@ -266,3 +266,10 @@ def test_manifest_command(small_tree: Path, tmp_path: Path, capsys: pytest.Captu
     assert "bad.jpg" in capsys.readouterr().err
     assert main(["manifest", "--stimuli", str(small_tree), "--out", str(out), "--skip-bad"]) == 0
     assert _row(read_manifest(out), "cat/a/bad.jpg")["status"] == "unreadable"
+
+
+def test_file_that_cannot_be_opened(small_tree: Path) -> None:
+    (small_tree / "cat" / "a" / "dangling.jpg").symlink_to(small_tree / "gone.jpg")
+    with pytest.raises(ValueError, match=r"dangling\.jpg: cannot be read"):
+        build_manifest(small_tree)
+    assert _row(build_manifest(small_tree, skip_bad=True), "cat/a/dangling.jpg")["status"] == "unreadable"
