@@ -154,6 +154,15 @@ def load_zoo(path: str | os.PathLike[str]) -> dict[str, ModelSpec]:
     return {str(name): _model_spec(file, name, raw) for name, raw in data["models"].items()}
 
 
+def model_spec_from_dict(data: Mapping[str, Any]) -> ModelSpec:
+    """Rebuild a ModelSpec from ``dataclasses.asdict(spec)`` (how the workflow hands a spec to a job)."""
+    fields = set(ModelSpec.__dataclass_fields__)
+    if set(data) != fields:
+        raise ValueError(f"not a model spec: keys {sorted(data)}, expected {sorted(fields)}")
+    weights = data["weights"]
+    return ModelSpec(**{**data, "weights": None if weights is None else WeightsSpec(**weights)})
+
+
 def fetch_weights(
     spec: ModelSpec, dest_dir: str | os.PathLike[str], *, retries: int = 3, timeout: float = 60, progress: bool = True
 ) -> Path:

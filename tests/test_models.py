@@ -20,6 +20,7 @@ from sbssl.models import (
     fetch_weights,
     load_checkpoint,
     load_zoo,
+    model_spec_from_dict,
 )
 
 ZOO = Path(__file__).resolve().parents[1] / "config" / "models.yaml"
@@ -264,6 +265,15 @@ def test_shipped_zoo() -> None:
         assert w.sha256_prefix or w.md5_prefix or w.format == "vissl", name
         if w.sha256_prefix:  # publishers embed the prefix in the file name
             assert w.sha256_prefix in w.url.rsplit("/", 1)[1], name
+
+
+def test_model_spec_round_trips_through_asdict() -> None:
+    from dataclasses import asdict
+
+    zoo = load_zoo(ZOO)
+    assert all(model_spec_from_dict(asdict(spec)) == spec for spec in zoo.values())
+    with pytest.raises(ValueError, match="not a model spec"):
+        model_spec_from_dict({"name": "x"})
 
 
 def _write_zoo(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
