@@ -72,12 +72,16 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     tests = read_tests_table(args.results, args.format, catalogue=catalogue)
     paths = write_study_summary(tests, load_zoo(args.zoo), args.out, heatmap_layer=args.heatmap_layer)
     meta = json.loads(paths["meta_test"].read_text(encoding="utf-8"))
-    print(
-        f"{args.out}: {len(tests)} per-test rows -> {len(paths)} files; meta-test at {meta['layer']}: "
-        f"paper-compatible p = {meta['p_value']:.4f} ({meta['n_thresholds']} thresholds), "
-        f"robust p = {meta['robust']['p_value']:.4f} ({meta['robust']['n_thresholds']} thresholds), "
-        f"area-under-count-curve p = {meta['alternative']['p_value']:.4f}"
-    )
+    print(f"{args.out}: {len(tests)} per-test rows -> {len(paths)} files")
+    if meta["p_value"] is None:
+        print(f"meta-test not applicable: {meta['not_applicable']}")
+    else:
+        print(
+            f"meta-test at {meta['layer']}: paper-compatible p = {meta['p_value']:.4f} "
+            f"({meta['n_thresholds']} thresholds), robust p = {meta['robust']['p_value']:.4f} "
+            f"({meta['robust']['n_thresholds']} thresholds), "
+            f"area-under-count-curve p = {meta['alternative']['p_value']:.4f}"
+        )
     return 0
 
 

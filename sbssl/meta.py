@@ -28,6 +28,10 @@ MODES = ("paper", "robust")
 ROBUST_DECIMALS = 12
 
 
+class MetaTestNotApplicable(ValueError):
+    """The study lacks what the meta-test needs (a model in each group, or any p below ``max_p``)."""
+
+
 def meta_groups(zoo: Mapping[str, Any]) -> dict[str, str | None]:
     """``{model: meta_group}`` from a zoo (``{name: ModelSpec}``) or a ready ``{model: group-or-None}`` dict."""
     groups = {name: spec if spec is None or isinstance(spec, str) else spec.meta_group for name, spec in zoo.items()}
@@ -58,15 +62,20 @@ def _split_p_values(scores: np.ndarray, in_first: np.ndarray, tolerance: float =
 
 
 def _layer_table(summary: pd.DataFrame, zoo: Mapping[str, Any], layer: str) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Rows at ``layer`` and the zoo's contrastive / non-contrastive models that have results there.
+
+    A study that ran only some of the zoo's models is tested on those (the result lists them).
+    """
     groups = meta_groups(zoo)
-    contrastive = [m for m, g in groups.items() if g == "contrastive"]
-    non_contrastive = [m for m, g in groups.items() if g == "non_contrastive"]
-    if not contrastive or not non_contrastive:
-        raise ValueError("meta-test needs models in both meta groups (contrastive and non_contrastive)")
     at_layer = summary[summary["layer"] == layer]
-    missing = sorted(set(contrastive + non_contrastive) - set(at_layer["model"]))
-    if missing:
-        raise ValueError(f"meta-test: no results at layer {layer!r} for model(s) {', '.join(missing)}")
+    present = set(at_layer["model"])
+    contrastive = [m for m, g in groups.items() if g == "contrastive" and m in present]
+    non_contrastive = [m for m, g in groups.items() if g == "non_contrastive" and m in present]
+    if not contrastive or not non_contrastive:
+        raise MetaTestNotApplicable(
+            f"meta-test needs results at layer {layer!r} for models of both meta groups (contrastive and "
+            f"non_contrastive in the zoo); found contrastive {contrastive}, non_contrastive {non_contrastive}"
+        )
     return at_layer, contrastive, non_contrastive
 
 
@@ -129,7 +138,7 @@ def meta_test(
     pool = p[at_layer["model"].isin(threshold_models)].to_numpy()
     thresholds = np.unique(pool[pool < max_p])
     if thresholds.size == 0:
-        raise ValueError(f"meta-test: no p-value below {max_p} at layer {layer!r}")
+        raise MetaTestNotApplicable(f"meta-test: no p-value below {max_p} at layer {layer!r}")
     models = contrastive + non_contrastive
     counts = _count_matrix(at_layer, models, thresholds, p)
     in_first = np.array([m in contrastive for m in models])
@@ -218,9 +227,20 @@ def meta_test_report(summary: pd.DataFrame, zoo: Mapping[str, Any], *, layer: st
     """The JSON of ``meta_test.json``: the paper-compatible result at top level, robust and alternative beside.
 
     Top-level keys p_value, n_thresholds, contrastive, non_contrastive, ... are the paper-compatible
-    meta-test; ``robust`` and ``alternative`` hold the other two, each with a ``description``.
+    meta-test; ``robust`` and ``alternative`` hold the other two, each with a ``description``. A study
+    where the test does not apply (e.g. the demo's random models only) gets p_value null, n_thresholds 0
+    and the reason under ``not_applicable``.
     """
-    paper = meta_test(summary, zoo, layer=layer, mode="paper")
+    try:
+        paper = meta_test(summary, zoo, layer=layer, mode="paper")
+    except MetaTestNotApplicable as exc:
+        groups = meta_groups(zoo)
+        present = set(summary.loc[summary["layer"] == layer, "model"])
+        return {
+            "p_value": None, "n_thresholds": 0, "layer": layer, "not_applicable": str(exc),
+            "contrastive": [m for m, g in groups.items() if g == "contrastive" and m in present],
+            "non_contrastive": [m for m, g in groups.items() if g == "non_contrastive" and m in present],
+        }  # fmt: skip
     robust = meta_test(summary, zoo, layer=layer, mode="robust")
     area = area_meta_test(summary, zoo, layer=layer)
     return {

@@ -91,7 +91,8 @@ def read_tests_table(
         raise FileNotFoundError(f"results table not found: {path}")
     raw = pd.read_csv(path)
     if fmt == "sbssl":
-        _missing_columns_error(raw, _REQUIRED, str(path))
+        hint = " (published SB-SSL rows? use the sbssl-published format)" if "run" in raw.columns else ""
+        _missing_columns_error(raw, _REQUIRED, f"{path}{hint}")
         table = raw.copy()
         if catalogue is not None:
             known = {ident for ident, _ in _catalogue_titles(catalogue).values()}

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sbssl.meta import area_meta_test, meta_groups, meta_test, meta_test_report
+from sbssl.meta import MetaTestNotApplicable, area_meta_test, meta_groups, meta_test, meta_test_report
 from sbssl.models import load_zoo
 from sbssl.results import read_tests_table, summarize
 
@@ -90,12 +90,24 @@ def test_bad_groups_mode_and_missing_models_are_errors():
         meta_test(summary, GROUPS, mode="exact")
     with pytest.raises(ValueError, match="meta_group must be one of"):
         meta_groups({"a": "contrast"})
-    with pytest.raises(ValueError, match="both meta groups"):
+    with pytest.raises(MetaTestNotApplicable, match="both meta groups"):
         meta_test(summary, {m: "contrastive" for m in CONTRASTIVE})
-    with pytest.raises(ValueError, match="no results at layer 'layer4'"):
+    with pytest.raises(MetaTestNotApplicable, match="at layer 'layer4'"):
         meta_test(summary, GROUPS, layer="layer4")
-    with pytest.raises(ValueError, match="no p-value below 0.001"):
+    with pytest.raises(MetaTestNotApplicable, match="no p-value below 0.001"):
         meta_test(summary, GROUPS, max_p=0.001)
+
+
+def test_partial_study_uses_the_models_present_and_report_says_when_not_applicable():
+    # 2 vs 1 models: C(3, 2) = 3 splits; at 1/64 contrastive counts [1, 1] vs [0] -> only the observed split
+    summary = _summary({"c1": [1 / 128], "c2": [1 / 128], "n1": [1 / 32], "swav": [1 / 64]})
+    result = meta_test(summary, GROUPS)
+    assert (result.contrastive, result.non_contrastive, result.n_splits) == (("c1", "c2"), ("n1",), 3)
+    assert result.threshold_p_values == pytest.approx((1.0, 1 / 3, 1 / 3))
+    demo = meta_test_report(_summary({"random_1": [0.01], "random_2": [0.5]},
+                                     {"random_1": "random", "random_2": "random"}), GROUPS)
+    assert demo["p_value"] is None and demo["n_thresholds"] == 0 and "both meta groups" in demo["not_applicable"]
+    json.dumps(demo)
 
 
 def test_report_labels_paper_robust_and_alternative():

@@ -17,6 +17,7 @@ from sbssl.results import (
     read_summary,
     read_tests_table,
     summarize,
+    write_study_summary,
 )
 
 # Paper (../shared/sbssl/README.md): tests with p < 0.1 / 0.05 / 0.01 at GAP; simclr_vissl_200 is our simclr.
@@ -165,6 +166,24 @@ def test_read_published_maps_names(tmp_path, repo_dir):
     pd.read_csv(path).assign(layer="fc").to_csv(path, index=False)
     with pytest.raises(ValueError, match="unknown layer name"):
         read_tests_table(path, "sbssl-published", catalogue=repo_dir / "config" / "tests.yaml")
+
+
+def test_study_summary_of_random_models_only_like_the_demo(tmp_path, repo_dir):
+    tests = _table(
+        _rows("random_1", "random", "t1", [0.01, 0.02]) + _rows("random_2", "random", "t1", [0.5, 0.4])
+        + _rows("random_1", "random", "i1", [0.001, 0.002]) + _rows("random_2", "random", "i1", [0.003, 0.004])
+        + _rows("random_1", "random", "t1", [0.7, 0.9], layer="layer1")
+        + _rows("random_2", "random", "t1", [0.7, 0.9], layer="layer1")
+    )
+    paths = write_study_summary(tests, load_zoo(repo_dir / "config" / "models.yaml"), tmp_path / "out")
+    assert all(path.stat().st_size > 0 for path in paths.values())
+    meta = json.loads(paths["meta_test"].read_text())
+    assert meta["p_value"] is None and "both meta groups" in meta["not_applicable"]
+    counts = pd.read_csv(paths["counts"])
+    rnd = counts[(counts["model"] == "random") & (counts["layer"] == "avgpool")]
+    # random at GAP: t1 mean p = ((0.01 + 0.5) / 2 + (0.02 + 0.4) / 2) / 2 = 0.2325; i1 = 0.0025
+    assert list(rnd["n_biases"]) == [1, 1, 1]
+    assert list(counts["model"].unique()) == ["random_1", "random_2", "random"]
 
 
 @pytest.fixture(scope="module")
