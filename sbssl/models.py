@@ -369,9 +369,3 @@ def build_model(spec: ModelSpec, weights_path: str | os.PathLike[str] | None = N
             buffer.zero_()
     model.load_state_dict(state, strict=False)  # strictness checked above, allowing only fc/counters absent
     return model.eval()
-
-
-def model_spec_from_dict(data: Mapping[str, Any]) -> ModelSpec:
-    """Rebuild a :class:`ModelSpec` from ``dataclasses.asdict`` output (how the workflow passes it to jobs)."""
-    weights = data.get("weights")
-    return ModelSpec(**{**data, "weights": None if weights is None else WeightsSpec(**weights)})
