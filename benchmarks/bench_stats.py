@@ -45,8 +45,8 @@ def loop_same_splits(X, Y, A, B, permutations: int, seed: int) -> float:
     lows = np.arange(n_x)
     hits = 1  # the observed split
     for _ in range(permutations - 1):
-        order = np.arange(n)
-        for i, j in enumerate(rng.integers(lows, n)):
+        order = list(range(n))
+        for i, j in enumerate(rng.integers(lows, n).tolist()):
             order[i], order[j] = order[j], order[i]
         hits += s[order[:n_x]].sum() >= observed
     return hits / permutations
