@@ -75,7 +75,9 @@ def best_time(fn, repeat: int):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5, help="best of N runs for association_test (default: %(default)s)")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="best of N runs for association_test (default: %(default)s)"
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     dim = 2048
@@ -87,7 +89,10 @@ def main() -> int:
         X = rng.normal(size=(n, dim)) + 0.05 * A.mean(axis=0)
         Y = rng.normal(size=(n, dim)) + 0.05 * B.mean(axis=0)
         fast_s, res = best_time(lambda: association_test(X, Y, A, B, permutations=permutations, seed=1), args.repeat)
-        print(f"{label:<36} {'association_test':<20} {fast_s * 1e3:>7.1f} ms {'1.0x':>7}  {res.p_value:.6f} exact={res.exact}")
+        print(
+            f"{label:<36} {'association_test':<20} {fast_s * 1e3:>7.1f} ms {'1.0x':>7}  "
+            f"{res.p_value:.6f} exact={res.exact}"
+        )
         variants = {"python loop": loop_same_splits}
         if not res.exact:
             variants["numpy shuffle loop"] = loop_numpy_shuffle

@@ -50,7 +50,9 @@ class AssociationTestSpec:
 def _check_folder(where: str, key: str, value: str) -> None:
     path = PurePosixPath(value)
     if path.is_absolute() or "\\" in value or ".." in path.parts or value != path.as_posix():
-        raise ValueError(f"{where}: {key} must be a plain relative posix folder path (e.g. valence/pleasant), got {value!r}")
+        raise ValueError(
+            f"{where}: {key} must be a plain relative posix folder path (e.g. valence/pleasant), got {value!r}"
+        )
 
 
 def _parse_entry(where: str, entry: Any) -> AssociationTestSpec:

@@ -58,7 +58,8 @@ class ImageMismatch:
     def describe(self) -> str:
         parts = []
         if self.rows_without_image:
-            parts.append(f"{len(self.rows_without_image)} row(s) without an image: {', '.join(self.rows_without_image)}")
+            rows = ", ".join(self.rows_without_image)
+            parts.append(f"{len(self.rows_without_image)} row(s) without an image: {rows}")
         if self.images_without_row:
             parts.append(f"{len(self.images_without_row)} image(s) without a row: {', '.join(self.images_without_row)}")
         return f"{self.concept}: " + "; ".join(parts)
@@ -92,7 +93,8 @@ def read_embeddings(path: str | os.PathLike[str], concept: str = "", model: str 
         raise ValueError(f"{path}: no 'img' column (expected an index column, 0..D-1 and img)")
     dims = [c for c in df.columns if c != "img"]
     if not dims or dims != [str(i) for i in range(len(dims))]:
-        raise ValueError(f"{path}: embedding columns must be 0..D-1 in order, got {dims[:5]}{'...' if len(dims) > 5 else ''}")
+        shown = f"{dims[:5]}{'...' if len(dims) > 5 else ''}"
+        raise ValueError(f"{path}: embedding columns must be 0..D-1 in order, got {shown}")
     if df.empty:
         raise ValueError(f"{path}: no rows")
     try:

@@ -52,7 +52,8 @@ def cache(tmp_path: Path) -> dict:
             (stim_dir / concept / name).write_bytes(b"\xff\xd8")
     catalogue = tmp_path / "tests.yaml"
     spec = {"id": "t_one", "title": "T One", "group": "core", "x": "c/x", "y": "c/y", "a": "c/a", "b": "c/b"}
-    catalogue.write_text(yaml.safe_dump({"tests": [spec, {**spec, "id": "t_two", "title": "T Two", "x": "c/y", "y": "c/x"}]}))
+    swapped = {**spec, "id": "t_two", "title": "T Two", "x": "c/y", "y": "c/x"}
+    catalogue.write_text(yaml.safe_dump({"tests": [spec, swapped]}))
     return {"emb": emb_dir, "stimuli": stim_dir, "catalogue": catalogue, "vectors": vectors}
 
 

@@ -44,7 +44,8 @@ def test_reproduces_published_ieat_results(shared_dir, repo_dir, published, publ
         got = ours.loc[row.Test]
         reference_exact = math.comb(2 * row.n_t, row.n_t) <= 10_000
         if (got["n_x"], got["n_y"], got["n_a"], got["n_b"]) != (row.n_t, row.n_t, row.n_a, row.n_a):
-            problems.append(f"{row.Test}: set sizes {got[['n_x', 'n_y', 'n_a', 'n_b']].tolist()} vs n_t={row.n_t}, n_a={row.n_a}")
+            sizes = got[["n_x", "n_y", "n_a", "n_b"]].tolist()
+            problems.append(f"{row.Test}: set sizes {sizes} vs n_t={row.n_t}, n_a={row.n_a}")
         if abs(got["d"] - row.d) > 1e-6:
             problems.append(f"{row.Test}: d {got['d']!r} vs published {row.d!r}")
         if bool(got["exact"]) != reference_exact:

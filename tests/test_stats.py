@@ -150,7 +150,8 @@ def test_alternatives_are_consistent_for_exact_tests():
     g = association_test(X, Y, A, B, alternative="greater")
     le = association_test(X, Y, A, B, alternative="less")
     two = association_test(X, Y, A, B, alternative="two-sided")
-    assert g.p_value + le.p_value == pytest.approx(1 + 1 / 924, abs=1e-15)  # no ties: only the observed split is in both
+    # no ties: only the observed split is counted by both tails
+    assert g.p_value + le.p_value == pytest.approx(1 + 1 / 924, abs=1e-15)
     assert two.p_value == min(1.0, 2 * min(g.p_value, le.p_value))
     assert (g.p_floor, le.p_floor, two.p_floor) == (1 / 924, 1 / 924, 2 / 924)
     # swapping X and Y mirrors the tails
