@@ -24,9 +24,9 @@ orders of magnitude further apart, so this only decides true ties, always in the
 Two entry points share one core: :func:`association_test` (raw embeddings, cosine computed in float64)
 and :func:`association_test_from_similarity` (index arrays into a precomputed cosine-similarity matrix;
 what the workflow uses). Nothing loops in Python per permutation: splits are generated in chunks
-(``itertools.combinations`` consumed by ``numpy.fromiter``, or :func:`random_splits`, a partial
-Fisher-Yates shuffle vectorised across splits) and summed with numpy, so memory stays bounded
-(``_CHUNK_ELEMENTS``) and the same seed gives identical bytes.
+(exact: a subset-sum dynamic programme, or ``itertools.combinations`` consumed by ``numpy.fromiter``
+beyond ``_DP_MAX_SPLITS``; sampled: :func:`random_splits`, a partial Fisher-Yates shuffle vectorised
+across splits) and summed with numpy, so memory stays bounded and the same seed gives identical bytes.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ ADJUST_METHODS = {
 # Array elements per chunk of splits or bootstrap replicates: 2^16 int64 = 512 KiB stays in the CPU
 # cache (larger chunks measured slower), while the Python overhead per chunk stays negligible.
 _CHUNK_ELEMENTS = 1 << 16
+# Exact tests with at most this many splits get every split sum at once (~2 float64 arrays of that size).
+_DP_MAX_SPLITS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -175,8 +177,29 @@ def _tie_tolerance(s: np.ndarray) -> float:
     return 8.0 * s.size * np.finfo(np.float64).eps * float(np.abs(s).sum())
 
 
+def _subset_sums(s: np.ndarray, k: int) -> np.ndarray:
+    """Sums of all C(n, k) k-element subsets of ``s`` (in no particular order), by dynamic programming.
+
+    ``layers[c]`` holds the sums of the c-subsets of the elements seen so far; each element extends every
+    layer at once, and layers too small to reach k with the remaining elements are dropped, so the peak
+    size stays about C(n, k). One Python step per (element, layer), none per split.
+    """
+    n = s.size
+    layers = [np.zeros(1)] + [np.empty(0)] * k
+    for j, value in enumerate(s):
+        for c in range(min(k, j + 1), 0, -1):
+            layers[c] = np.concatenate([layers[c], layers[c - 1] + value])
+        for c in range(max(0, k - (n - j - 1))):
+            layers[c] = np.empty(0)
+    return layers[k]
+
+
 def _exact_split_sums(s: np.ndarray, n_x: int) -> Iterator[np.ndarray]:
-    """sum_X' s for every split, in ``itertools.combinations`` order (the first one is the observed split)."""
+    """sum_X' s for every split, in chunks: all at once by :func:`_subset_sums` up to ``_DP_MAX_SPLITS``
+    splits, else ``itertools.combinations`` in chunks of ``_CHUNK_ELEMENTS`` indices (bounded memory)."""
+    if math.comb(s.size, n_x) <= _DP_MAX_SPLITS:
+        yield _subset_sums(s, n_x)
+        return
     combos = itertools.combinations(range(s.size), n_x)
     rows = max(1, _CHUNK_ELEMENTS // n_x)
     while True:

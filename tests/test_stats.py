@@ -196,6 +196,18 @@ def test_sampled_p_agrees_with_exact_p(seed, shift):
     assert abs(sampled.p_value - exact.p_value) <= 4 * se + 1 / 1_000
 
 
+@pytest.mark.parametrize("sizes", [(6, 6), (3, 9), (9, 3), (1, 5), (8, 8)])
+def test_exact_dynamic_programme_equals_chunked_combinations(monkeypatch, sizes):
+    X, Y, A, B = _sets(18, *sizes, shift=0.3)
+    dup = association_test(X, np.concatenate([X[:1], Y[1:]]), A, B)  # a repeated image: true ties
+    via_dp = [association_test(X, Y, A, B, permutations=20_000, alternative=alt) for alt in ("greater", "less")]
+    monkeypatch.setattr(stats, "_DP_MAX_SPLITS", 0)
+    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 64)
+    via_combos = [association_test(X, Y, A, B, permutations=20_000, alternative=alt) for alt in ("greater", "less")]
+    assert via_dp == via_combos
+    assert association_test(X, np.concatenate([X[:1], Y[1:]]), A, B) == dup
+
+
 def test_large_exact_enumeration_when_asked():
     X, Y, A, B = _sets(13, n_x=10, n_y=10, shift=0.5)
     exact = association_test(X, Y, A, B, permutations=1_000_000)
