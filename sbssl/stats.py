@@ -361,7 +361,8 @@ def _bootstrap_ci(
     """Percentile bootstrap of d, resampling with replacement within X, Y, A and B independently.
 
     A resampled attribute set is a vector of multinomial counts, so one replicate's s(w) for all targets
-    is one matrix product; X and Y are then resampled from those scores.
+    is one matrix product; X and Y are then resampled from those scores. Replicates are drawn in chunks
+    whose size depends only on the set sizes, so the same inputs and seed give the same interval.
     """
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
