@@ -290,8 +290,8 @@ def _blocks_from_embeddings(X: Any, Y: Any, A: Any, B: Any) -> tuple[np.ndarray,
     x = _as_embeddings("X", X)
     dim = x.shape[1]
     y, a, b = (_as_embeddings(name, arr, dim) for name, arr in (("Y", Y), ("A", A), ("B", B)))
-    targets = np.concatenate([x, y])
-    return targets @ a.T, targets @ b.T, x.shape[0]
+    cos = np.concatenate([x, y]) @ np.concatenate([a, b]).T  # one product: tiny, threads cost more than it
+    return cos[:, : a.shape[0]], cos[:, a.shape[0] :], x.shape[0]
 
 
 def _blocks_from_similarity(
