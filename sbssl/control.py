@@ -98,7 +98,9 @@ def control_survival(original: pd.DataFrame, permuted: pd.DataFrame, *, alpha: f
             title=("title", "first"), group=("group", "first"), d=("d", "mean"), p=("p", "mean")
         )
 
-    merged = seed_mean(permuted).join(seed_mean(original)[["d", "p"]], rsuffix="_original", how="left")
+    merged = seed_mean(permuted).join(
+        seed_mean(original)[["d", "p"]].rename(columns={"d": "d_original", "p": "p_original"}), how="left"
+    )
     missing = merged[merged["p_original"].isna()]
     if not missing.empty:
         raise ValueError(f"no original result for control rows {list(missing.index[:3])}; run the main tests first")

@@ -223,7 +223,8 @@ def _save(fig: Figure, caption: str, out_dir: Path, name: str) -> FigureFiles:
         fig.savefig(tmp, format="png", dpi=150)
     with atomic_path(files.pdf) as tmp:
         fig.savefig(tmp, format="pdf", metadata={"CreationDate": None})  # reproducible bytes
-    write_text_atomic(files.caption_path, caption + "\n")
+    # The .rst is the caption in Snakemake's report: escape "*" (the significance marks) for reStructuredText.
+    write_text_atomic(files.caption_path, caption.replace("*", r"\*") + "\n")
     return files
 
 
