@@ -88,7 +88,7 @@ def test_write_figures_png_pdf_and_captions(summary, tmp_path):
     for f in files.values():
         assert f.png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f.pdf.read_bytes()[:5] == b"%PDF-"
-        assert f.caption_path.read_text().strip() == f.caption
+        assert f.caption_path.read_text().strip() == f.caption.replace("*", r"\*")  # reStructuredText
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{n}.{s}" for n in files for s in ("png", "pdf", "rst"))
 
