@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
@@ -76,7 +77,8 @@ def _preprocess_sbssl(image: Image.Image) -> torch.Tensor:
     side = min(pixels.shape[:2])
     square = np.ascontiguousarray(pixels[:side, :side])
     resized = cv2.resize(square, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA)
-    return torch.from_numpy(resized).permute(2, 0, 1).float().div(255.0).contiguous()
+    # In numpy: the same float32 values as torch's permute().float().div(), ~50x faster on a busy CPU.
+    return torch.from_numpy(resized.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0))
 
 
 #: Named preprocessing presets: RGB PIL image -> float32 tensor (3, 224, 224). The name is recorded in
@@ -286,11 +288,22 @@ def _extract(
     n = len(images)
     model_name = next(iter(outputs.values()))[1]["model"]
     versions = json.dumps(library_versions(), sort_keys=True)
-    batches = 0
+    batches = [images[b0 : b0 + batch_size] for b0 in range(0, n, batch_size)]
+
+    def load(chunk: Sequence[tuple[str, str | os.PathLike[str]]]) -> torch.Tensor:
+        return torch.stack([transform(_load_checked(sha, path)) for sha, path in chunk])
+
+    def write(b0: int, rows: Mapping[str, np.ndarray]) -> None:
+        for layer, values in rows.items():
+            if layer not in datasets:
+                datasets[layer] = _create_embeddings(files[layer], n, values.shape[1], values.dtype)
+            datasets[layer][b0 : b0 + len(values)] = values
+
     with contextlib.ExitStack() as stack:
         for layer in outputs:
             stack.enter_context(modules[layer].register_forward_hook(keep(layer)))
         files: dict[str, h5py.File] = {}
+        datasets: dict[str, h5py.Dataset] = {}
         for layer, (path, wanted) in outputs.items():
             tmp = stack.enter_context(atomic_path(path))
             # A chunk cache larger than one chunk lets small rows (mean pooling) fill chunks across batches.
@@ -298,30 +311,39 @@ def _extract(
             files[layer].attrs.update({**wanted, "versions": versions})
             write_sha256(files[layer], [sha for sha, _ in images])
         bar = stack.enter_context(tqdm(total=n, unit="img", desc=f"embed {model_name}", disable=not progress))
-        datasets: dict[str, h5py.Dataset] = {}
+        # Decoding the next batch and compressing the previous one run in threads while the model computes
+        # (PIL, OpenCV, torch and LZF release the GIL); at most one batch waits in each, so memory stays flat.
+        loader = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbssl-load"))
+        writer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbssl-write"))
+        next_batch = loader.submit(load, batches[0])
+        written = None
         with torch.inference_mode():
-            for b0 in range(0, n, batch_size):
-                chunk = images[b0 : b0 + batch_size]
-                batch = torch.stack([transform(_load_checked(sha, path)) for sha, path in chunk]).to(device)
+            for k, chunk in enumerate(batches):
+                batch = next_batch.result()
+                if k + 1 < len(batches):
+                    next_batch = loader.submit(load, batches[k + 1])
                 captured.clear()
-                model(batch)
-                batches += 1
+                model(batch.to(device))
+                rows = {}
                 for layer in outputs:
                     out = captured[layer]
                     out = out.flatten(1) if pooling == "flatten" or out.ndim < 3 else out.mean(dim=tuple(range(2, out.ndim)))
                     values = out.to(torch_dtype)
-                    if not bool(torch.isfinite(values).all()):
+                    # A row sum is non-finite exactly when the row holds inf/nan (float32 sums cannot overflow
+                    # from float16 values), and it is far cheaper than an element-wise check.
+                    if not bool(torch.isfinite(values.sum(dim=1, dtype=torch.float32)).all()):
                         raise ValueError(
                             f"non-finite {layer} embeddings for images {[sha for sha, _ in chunk]} (model "
                             f"{model_name}, dtype {dtype}); use dtype float32 if float16 overflowed"
                         )
-                    rows = values.cpu().numpy()
-                    if layer not in datasets:
-                        datasets[layer] = _create_embeddings(files[layer], n, rows.shape[1], rows.dtype)
-                    datasets[layer][b0 : b0 + len(rows)] = rows
+                    rows[layer] = values.cpu().numpy()
                 captured.clear()
+                if written is not None:
+                    written.result()
+                written = writer.submit(write, k * batch_size, rows)
                 bar.update(len(chunk))
-    return batches
+        written.result()
+    return len(batches)
 
 
 def _load_checked(sha256: str, path: str | os.PathLike[str]) -> Image.Image:
