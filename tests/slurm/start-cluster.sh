@@ -55,6 +55,8 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
   if ! apt-cache policy slurm-wlm 2>/dev/null | grep -q 'Candidate: [0-9]'; then
     log "apt-get update"
     timeout 300 apt-get update -qq || die "apt-get update failed"
+    apt-cache policy slurm-wlm 2>/dev/null | grep -q 'Candidate: [0-9]' \
+      || die "apt has no candidate for slurm-wlm (apt-cache policy slurm-wlm), even after apt-get update"
   fi
   log "apt-get install slurm-wlm munge"
   timeout 600 apt-get install -y -qq slurm-wlm munge >/dev/null || die "apt-get install slurm-wlm munge failed"
