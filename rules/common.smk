@@ -68,10 +68,6 @@ def model_spec(wildcards):
     return asdict(ZOO[wildcards.model])
 
 
-def model_family(wildcards):
-    return ZOO[wildcards.model].family
-
-
 def weights_input(wildcards):
     """The downloaded checkpoint of a pretrained model; random initialisations need none."""
     return [] if ZOO[wildcards.model].weights is None else f"pretrains/{wildcards.model}.pth"

@@ -79,7 +79,8 @@ use rule association_test as control_association_test with:
 
 use rule tests_table as control_tests_table with:
     input:
-        test_results(C, CONTROL_MODELS, CONTROL_TESTS),
+        results=test_results(C, CONTROL_MODELS, CONTROL_TESTS),
+        zoo=config["zoo"],
     output:
         f"{C}/tables/tests.csv",
     log:

@@ -12,7 +12,6 @@ rule association_test:
         f"{R}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
     params:
         test=test_definition,
-        family=model_family,
         permutations=config["permutations"],
         alternative=config["alternative"],
     resources:
@@ -30,7 +29,6 @@ rule association_test:
             output[0],
             log[0],
             model=wildcards.model,
-            family=params.family,
             layer=wildcards.layer,
             seed=int(wildcards.seed),
             permutations=params.permutations,
@@ -40,7 +38,8 @@ rule association_test:
 
 rule tests_table:
     input:
-        test_results(R, MODELS, TESTS),
+        results=test_results(R, MODELS, TESTS),
+        zoo=config["zoo"],
     output:
         report(
             f"{R}/tables/tests.csv",

@@ -21,11 +21,13 @@ from sbssl.similarity import SimilarityMatrix, read_similarity
 from sbssl.stats import association_test_from_similarity
 from sbssl.stimuli import concept_images, read_manifest
 
-#: Columns of the per-test table (results/tables/tests.csv), in order.
-TESTS_TABLE_COLUMNS: tuple[str, ...] = (
-    "model", "family", "layer", "test", "title", "group", "seed", "statistic", "d", "p", "exact",
+#: Keys of one association-test result (one JSON file per job), in order.
+RESULT_COLUMNS: tuple[str, ...] = (
+    "model", "layer", "test", "title", "group", "seed", "statistic", "d", "p", "exact",
     "n_permutations", "p_floor", "alternative", "preprocessing", "pooling", "n_x", "n_y", "n_a", "n_b",
 )
+#: Columns of the per-test table (results/tables/tests.csv): the results plus the model's family.
+TESTS_TABLE_COLUMNS: tuple[str, ...] = ("model", "family", *RESULT_COLUMNS[1:])
 
 
 def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
@@ -55,33 +57,46 @@ def concept_indices(manifest: pd.DataFrame, similarity: SimilarityMatrix, concep
     return similarity.indices(shas)
 
 
+@functools.lru_cache(maxsize=4096)
+def _cached_concept_indices(
+    manifest_key: tuple[str, int, int], similarity_key: tuple[str, int, int], concept: str, role: str
+) -> np.ndarray:
+    # A concept is looked up by every test and seed that uses it: resolve it once per file pair.
+    indices = concept_indices(_cached_manifest(manifest_key), _cached_similarity(similarity_key), concept, role=role)
+    indices.flags.writeable = False
+    return indices
+
+
 def run_association_test(
     similarity_path: str | os.PathLike[str],
     manifest_path: str | os.PathLike[str],
     test: Mapping[str, Any],
     *,
     model: str,
-    family: str,
     layer: str,
     seed: int,
     permutations: int,
     alternative: str = "greater",
 ) -> dict[str, Any]:
-    """Run one catalogue test on one (model, layer) similarity matrix; return one tests.csv row as a dict.
+    """Run one catalogue test on one (model, layer) similarity matrix; return the result as a dict.
 
     ``test`` is a catalogue entry (keys id, title, group, x, y, a, b). The keys of the result are
-    :data:`TESTS_TABLE_COLUMNS`; ``d`` is the effect size, ``p`` the permutation p-value.
+    :data:`RESULT_COLUMNS`; ``d`` is the effect size, ``p`` the permutation p-value. The model's family
+    is not part of it (it is a label of the zoo, added by :func:`tests_table`), so relabelling a model
+    reruns no test.
     """
-    similarity = _cached_similarity(_file_key(similarity_path))
-    manifest = _cached_manifest(_file_key(manifest_path))
-    idx = {role: concept_indices(manifest, similarity, test[role.lower()], role=role) for role in ("X", "Y", "A", "B")}
+    similarity_key, manifest_key = _file_key(similarity_path), _file_key(manifest_path)
+    similarity = _cached_similarity(similarity_key)
+    idx = {
+        role: _cached_concept_indices(manifest_key, similarity_key, test[role.lower()], role)
+        for role in ("X", "Y", "A", "B")
+    }
     result = association_test_from_similarity(
         similarity.matrix, idx["X"], idx["Y"], idx["A"], idx["B"],
         permutations=permutations, seed=seed, alternative=alternative,
     )
     return {
         "model": model,
-        "family": family,
         "layer": layer,
         "test": test["id"],
         "title": test["title"],
@@ -103,19 +118,22 @@ def run_association_test(
     }
 
 
-def tests_table(result_paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
+def tests_table(result_paths: Iterable[str | os.PathLike[str]], families: Mapping[str, str]) -> pd.DataFrame:
     """Concatenate per-job result JSON files into the per-test table (columns :data:`TESTS_TABLE_COLUMNS`).
 
-    Rows are sorted by model, layer, test and seed so the table is byte-identical however the jobs ran.
+    ``families`` maps each model to its zoo family. Rows are sorted by model, layer, test and seed so the
+    table is byte-identical however the jobs ran.
     """
     records = []
     for path in result_paths:
         with open(path, encoding="utf-8") as handle:
             record = json.load(handle)
-        missing = [c for c in TESTS_TABLE_COLUMNS if c not in record]
+        missing = [c for c in RESULT_COLUMNS if c not in record]
         if missing:
             raise ValueError(f"{path} lacks {missing}; it was written by another version: delete it and rerun")
-        records.append(record)
+        if record["model"] not in families:
+            raise ValueError(f"{path}: model {record['model']!r} is not in the zoo; add it to the zoo file")
+        records.append({**record, "family": families[record["model"]]})
     table = pd.DataFrame.from_records(records, columns=list(TESTS_TABLE_COLUMNS))
     return table.sort_values(["model", "layer", "test", "seed"], kind="stable").reset_index(drop=True)
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sbssl.runner import TESTS_TABLE_COLUMNS, record_association_test, run_association_test
+from sbssl.runner import RESULT_COLUMNS, TESTS_TABLE_COLUMNS, record_association_test, run_association_test
 from sbssl.runner import tests_table as build_tests_table
 from sbssl.similarity import write_sha256
 from sbssl.stats import association_test
@@ -43,11 +43,11 @@ def study(tmp_path):
 
 def test_run_association_test_equals_the_test_on_raw_embeddings(study):
     root, manifest, embedding = study
-    row = run_association_test(root / "sim.h5", root / "manifest.csv", TEST, model="m", family="random",
+    row = run_association_test(root / "sim.h5", root / "manifest.csv", TEST, model="m",
                                layer="avgpool", seed=3, permutations=100)
     sets = {k: np.array([embedding[s] for s in concept_images(manifest, TEST[k])]) for k in "xyab"}
     expected = association_test(sets["x"], sets["y"], sets["a"], sets["b"], permutations=100, seed=3)
-    assert list(row) == list(TESTS_TABLE_COLUMNS)
+    assert list(row) == list(RESULT_COLUMNS)
     assert row["n_a"] == 4  # the shared image counts in both of its folders
     assert row["d"] == pytest.approx(expected.effect_size, abs=1e-12)
     assert row["statistic"] == pytest.approx(expected.statistic, abs=1e-12)
@@ -59,7 +59,7 @@ def test_missing_concept_is_a_clear_error(study):
     root, _, _ = study
     with pytest.raises(ValueError, match=r"'c/nothing'"):
         run_association_test(root / "sim.h5", root / "manifest.csv", {**TEST, "b": "c/nothing"}, model="m",
-                             family="random", layer="avgpool", seed=0, permutations=10)
+                             layer="avgpool", seed=0, permutations=10)
 
 
 def test_record_and_table_are_sorted_and_byte_stable(study):
@@ -68,12 +68,13 @@ def test_record_and_table_are_sorted_and_byte_stable(study):
     for seed in (1, 0):
         out = root / f"out/{seed}.json"
         record_association_test(root / "sim.h5", root / "manifest.csv", TEST, out, root / f"log/{seed}.log",
-                                model="m", family="random", layer="avgpool", seed=seed, permutations=50)
+                                model="m", layer="avgpool", seed=seed, permutations=50)
         paths.append(out)
         assert "seed=" in (root / f"log/{seed}.log").read_text()
-    table = build_tests_table(paths)
+    table = build_tests_table(paths, {"m": "random"})
+    assert list(table.columns) == list(TESTS_TABLE_COLUMNS) and set(table["family"]) == {"random"}
     assert table["seed"].tolist() == [0, 1]
-    assert table.equals(build_tests_table(reversed(paths)))
+    assert table.equals(build_tests_table(reversed(paths), {"m": "random"}))
     assert json.loads(paths[0].read_text())["seed"] == 1
 
 
@@ -81,4 +82,13 @@ def test_table_rejects_foreign_json(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps({"model": "m"}))
     with pytest.raises(ValueError, match="lacks"):
-        build_tests_table([path])
+        build_tests_table([path], {"m": "random"})
+
+
+def test_table_rejects_a_model_outside_the_zoo(study):
+    root, _, _ = study
+    out = root / "r.json"
+    record_association_test(root / "sim.h5", root / "manifest.csv", TEST, out, root / "r.log",
+                            model="m", layer="avgpool", seed=0, permutations=10)
+    with pytest.raises(ValueError, match="not in the zoo"):
+        build_tests_table([out], {"other": "random"})
