@@ -1,5 +1,7 @@
 """The demo workflow through the SLURM profile on a real one-node SLURM cluster (issue 6).
 
+All tests but the first (a dry run of the users' profile) are marked slurm and slow.
+
 tests/slurm/start-cluster.sh installs (apt) and starts slurmctld + slurmd on 127.0.0.1; the session
 fixture stops them again with stop-cluster.sh. A small demo (2 layers, 1 seed, 4 images per concept,
 50 sampled permutations, no control branch) runs in a scratch copy through profiles/slurm-local while
@@ -32,8 +34,6 @@ from pathlib import Path
 import pytest
 
 from workflow_copy import copy_workflow, write_config
-
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "slurm"
@@ -70,6 +70,21 @@ def _skip_reason() -> str | None:
     return None
 
 
+def test_users_profile_bundles_the_demo(tmp_path):
+    """profiles/slurm, dry run (no cluster needed): the demo's 180 permutation tests (144 + 36 of the
+    control) in 2 bundles, one embedding job per model (2 + the control's 1)."""
+    work = copy_workflow(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--configfile", "config/demo.yaml", "--profile", str(REPO / "profiles/slurm"), "-n"],
+        cwd=work, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    groups = re.findall(r"Group job (\w+) \(jobs", proc.stdout + proc.stderr)
+    assert {g: groups.count(g) for g in set(groups)} == {
+        "stimuli": 1, "embedding": 3, "permutation_tests": 2, "aggregates": 1
+    }
+
+
 @pytest.fixture(scope="session")
 def slurm_env():
     """Environment for SLURM clients of the test cluster; starts it (and stops it at the end)."""
@@ -91,7 +106,9 @@ def slurm_env():
     print(f"SLURM test cluster up in {time.monotonic() - started:.1f} s")
     env["SLURM_CONF"] = str(STATE / "etc" / "slurm.conf")
     yield env
-    subprocess.run([str(SCRIPTS / "stop-cluster.sh")], env=env, timeout=120)
+    # A cluster someone started before this session stays up for them.
+    if "already running" not in proc.stderr:
+        subprocess.run([str(SCRIPTS / "stop-cluster.sh")], env=env, timeout=120)
 
 
 def _slurm_jobs(env: dict, workdir: Path) -> dict[int, dict[str, str]]:
@@ -196,6 +213,8 @@ def runs(tmp_path_factory, slurm_env):
     return {"local": local, "cluster": cluster, "config": config, "submitted": submitted, "env": slurm_env}
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_embeddings_and_bundled_permutation_tests_went_through_sbatch(runs):
     submitted, cluster = runs["submitted"], runs["cluster"]
     assert all(job["state"] == "COMPLETED" for job in submitted.values()), submitted
@@ -215,6 +234,8 @@ def test_embeddings_and_bundled_permutation_tests_went_through_sbatch(runs):
     assert len(submitted) == len(MODELS) + len(bundles) + 3, comments
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_slurm_results_equal_local_results_byte_for_byte(runs):
     local, cluster = runs["local"] / "results/demo", runs["cluster"] / "results/demo"
     assert (local / "tables/tests.csv").read_bytes() == (cluster / "tables/tests.csv").read_bytes()
@@ -226,6 +247,8 @@ def test_slurm_results_equal_local_results_byte_for_byte(runs):
         assert (cluster / name).is_file(), name
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_adding_a_model_submits_only_its_jobs(runs):
     cluster = runs["cluster"]
     write_config(cluster, "three_models.yaml", {"models": [*MODELS, "random_3"]})
@@ -243,6 +266,8 @@ def test_adding_a_model_submits_only_its_jobs(runs):
     assert len(submitted) == 1 + len(bundles) + 2, comments
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_failing_job_is_reported_with_its_log_and_finished_outputs_stay(runs):
     cluster = runs["cluster"]
     results = cluster / "results/demo"
@@ -260,11 +285,10 @@ def test_failing_job_is_reported_with_its_log_and_finished_outputs_stay(runs):
         os.utime(broken, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert code != 0, output[-4000:]
     assert "Error in group permutation_tests" in output or "Error in rule association_test" in output, output[-4000:]
-    # The report names the failed SLURM job's log, and that log holds the job's error.
-    logs = re.findall(r"(\S*\.snakemake/slurm_logs/group_permutation_tests_\S+?\.log)", output)
-    assert logs, output[-4000:]
-    log_text = Path(logs[0]).read_text() if Path(logs[0]).is_absolute() else (cluster / logs[0]).read_text()
-    assert "layer4.h5" in log_text
+    # The error report names the failed SLURM job's log, and that log holds the job's error.
+    logs = re.findall(r"log: (\S+/slurm_logs/group_permutation_tests_\S+\.log) \(check log file", output)
+    assert len(logs) == 1, output[-4000:]
+    assert "layer4.h5" in (cluster / logs[0]).read_text()
     # Only the bundle of the affected tests was submitted: the run stopped, the aggregates never ran.
     assert len(submitted) == len(_group_jobs(submitted, "permutation_tests")) == 1, submitted
     ran = _ran_inside(cluster, submitted, "association_test")
