@@ -51,12 +51,13 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
    || ! command -v munged >/dev/null; then
   command -v apt-get >/dev/null || die "slurmctld/slurmd/munged missing and no apt-get to install them"
   export DEBIAN_FRONTEND=noninteractive
-  # apt-get update only when the lists do not know the package yet.
-  if ! apt-cache policy slurm-wlm 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+  # apt-get update only when the lists do not know the package yet. (No `| grep -q` under pipefail:
+  # grep's early exit would fail the pipeline with SIGPIPE.)
+  has_candidate() { [[ $(apt-cache policy slurm-wlm 2>/dev/null) =~ Candidate:\ [0-9] ]]; }
+  if ! has_candidate; then
     log "apt-get update"
     timeout 300 apt-get update -qq || die "apt-get update failed"
-    apt-cache policy slurm-wlm 2>/dev/null | grep -q 'Candidate: [0-9]' \
-      || die "apt has no candidate for slurm-wlm (apt-cache policy slurm-wlm), even after apt-get update"
+    has_candidate || die "apt has no candidate for slurm-wlm (apt-cache policy slurm-wlm), even after apt-get update"
   fi
   log "apt-get install slurm-wlm munge"
   timeout 600 apt-get install -y -qq slurm-wlm munge >/dev/null || die "apt-get install slurm-wlm munge failed"
@@ -68,7 +69,7 @@ touch "$STARTED"
 # --- our cluster already up? ------------------------------------------------------------------
 export SLURM_CONF=$CONF
 if alive "$STATE/run/slurmctld.pid" slurmctld && alive "$STATE/run/slurmd.pid" slurmd; then
-  if timeout 10 scontrol ping 2>/dev/null | grep -q UP; then
+  if [[ $(timeout 10 scontrol ping 2>/dev/null) == *UP* ]]; then
     log "our cluster is already running (state $STATE)"
     echo "SLURM_CONF=$CONF"
     exit 0
