@@ -1,5 +1,8 @@
 # Stage 1: the images. Generated (demo), downloaded (ieat) or a local copy, then one manifest row
 # per file with its sha256, so an image that sits in several concept folders is embedded once.
+# The download is a local rule: on a cluster it runs where Snakemake runs, which has internet.
+localrules:
+    fetch_stimuli,
 
 
 rule demo_stimuli:

@@ -1,5 +1,8 @@
 # Stage 2: checkpoints from the public model zoos, verified by hash, written atomically. A present,
 # verified file is never downloaded again. Random initialisations have no weights file.
+# Local rule: on a cluster it runs where Snakemake runs (login nodes have internet, compute nodes often not).
+localrules:
+    fetch_weights,
 
 
 rule fetch_weights:
