@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sbssl.io import atomic_path, write_text_atomic
 from sbssl.layers import LAYER_TITLES, LAYERS
@@ -83,6 +84,7 @@ def plot_bias_counts(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None
                     color=colors[model], linewidth=2.6 if contrastive else 1.3,
                     linestyle="-" if contrastive else "--", label=row["title"])
         ax.set_xscale("log")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of tests
         ax.set_title(LAYER_TITLES.get(layer, layer))
         ax.grid(True, which="major", alpha=0.3)
     for ax in axes[len(layers):]:
@@ -96,7 +98,7 @@ def plot_bias_counts(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None
     caption = (
         "Number of biases (tests with seed-averaged p < p_t) against the threshold p_t from "
         f"{SWEEP_RANGE[0]:g} to {SWEEP_RANGE[1]:g} (log scale), one panel per layer, one line per model "
-        f"({len(info)} models; 'Random (mean)' averages the random initialisations). Contrastive models: "
+        f"({len(info)} model{'s' if len(info) != 1 else ''}; 'Random (mean)' averages the random initialisations). Contrastive models: "
         "thick solid lines; the others dashed (paper Figure 3)."
     )
     return fig, caption
