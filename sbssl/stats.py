@@ -138,11 +138,16 @@ def _as_indices(name: str, idx: Any, n: int) -> np.ndarray:
     return out.astype(np.intp)
 
 
+def _check_integer(name: str, value: Any, *, positive: bool = False) -> None:
+    """ValueError unless ``value`` is an int (not a bool), and >= 1 when ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (positive and value < 1):
+        kind = "a positive integer" if positive else "an integer (for reproducible results)"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
 def _check_options(permutations: int, seed: int, alternative: str) -> None:
-    if isinstance(permutations, bool) or not isinstance(permutations, (int, np.integer)) or permutations < 1:
-        raise ValueError(f"permutations must be a positive integer, got {permutations!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer (for reproducible results), got {seed!r}")
+    _check_integer("permutations", permutations, positive=True)
+    _check_integer("seed", seed)
     if alternative not in ALTERNATIVES:
         raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
 
@@ -364,12 +369,10 @@ def _bootstrap_ci(
     is one matrix product; X and Y are then resampled from those scores. Replicates are drawn in chunks
     whose size depends only on the set sizes, so the same inputs and seed give the same interval.
     """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    _check_integer("n_boot", n_boot, positive=True)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    _check_integer("seed", seed)
     rng = np.random.default_rng(seed)
     n_t, n_a = sim_ta.shape
     n_b = sim_tb.shape[1]

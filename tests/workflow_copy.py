@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -65,7 +64,3 @@ def planned_jobs(dry_run_output: str) -> list[tuple[str, dict[str, str]]]:
             pairs = (item.split("=", 1) for item in stripped[len("wildcards:"):].split(", "))
             jobs[-1] = (jobs[-1][0], {k.strip(): v.strip() for k, v in pairs})
     return jobs
-
-
-def run_args(configfile: Path, *extra: str) -> Sequence[str]:
-    return ("--configfile", str(configfile), *extra)
