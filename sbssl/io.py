@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
 # mkstemp creates files readable by the owner only; outputs get the usual umask-based mode instead.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -74,3 +76,35 @@ def job_log(path: str | os.PathLike[str]) -> Iterator[None]:
             raise
         finally:
             root.removeHandler(handler)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that repeats a key (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found key {key!r} a second time (first at line {seen[key].line + 1}); "
+                    "a repeated key would silently replace the first value: keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike[str], what: str = "YAML file") -> Any:
+    """Parse a YAML file safely, refusing repeated keys; errors name ``what``, the file and the line.
+
+    Raises FileNotFoundError when absent and ValueError for invalid YAML or a repeated key.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} {file} not found")
+    try:
+        return yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (safe loader)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{what} {file}: not valid YAML ({exc})") from None
