@@ -13,6 +13,17 @@ Definitions (Caliskan et al. 2017; Steed & Caliskan 2021), for target sets X, Y 
   ``permutations - 1`` uniformly random splits from ``numpy.random.default_rng(seed)``,
   ``p = (1 + hits) / permutations``. This is the reference iEAT definition at ``permutations=10_000``.
 
+Undefined effect size: d is NaN when the spread of s is within the rounding error of s itself, i.e.
+``std(s) <= _spread_bound = 4 eps (n_a + n_b) c`` with ``c`` the largest |cos| between a target and an
+attribute. Why this bound: a float64 mean of n terms of magnitude <= c errs by at most about n eps c in any
+summation order, so each s(w) errs by at most (n_a + n_b) eps c, two scores that are equal in exact
+arithmetic (one image repeated, A equal to B up to order, targets equal up to float noise) can differ by
+twice that, and the ddof=1 std of values inside a band of width w is at most w / sqrt(2). Such scores thus
+have std(s) <= sqrt(2) (n_a + n_b) eps c; the factor 4 leaves margin (as the tie tolerance below does).
+Below the bound d would be the ratio of two rounding errors (any value, of either sign); above it the
+spread is real however small, and d is the formula's value (real spreads of iEAT data lie over ten orders
+of magnitude above the bound). The same rule marks bootstrap replicates undefined.
+
 Floating-point ties: the same split summed in a different order can differ from the observed sum by a
 few ulps, so a plain ``>=`` would count or miss true ties (repeated images, the observed split itself)
 by chance (tests/test_stats.py has cases where it does). A split is counted as a tie, and so as a hit
@@ -58,7 +69,8 @@ _DP_MAX_SPLITS = 1 << 22
 class AssociationResult:
     """Outcome of one association test.
 
-    statistic: sum_X s - sum_Y s (cosine units). effect_size: d (dimensionless; NaN when every s(w) is equal).
+    statistic: sum_X s - sum_Y s (cosine units). effect_size: d (dimensionless; NaN when undefined: every s(w)
+    is equal up to rounding, see the module docstring).
     p_value: permutation p for ``alternative``. n_permutations: splits evaluated (all of them when exact).
     exact: whether every split was enumerated. p_floor: smallest p this design can produce.
     n_x, n_y, n_a, n_b: set sizes (repeated images counted each time).
@@ -84,7 +96,8 @@ class AssociationResult:
 class EffectSizeCI:
     """Percentile bootstrap confidence interval for d (``low``, ``high``) and how it was made.
 
-    n_valid: replicates with a finite d (a replicate whose resampled targets all have the same s is undefined).
+    n_valid: replicates with a defined d (a replicate whose resampled targets all have the same s up to
+    rounding is undefined, by the module's rule); low and high are NaN when there are none.
     """
 
     low: float
@@ -166,9 +179,16 @@ def _scores(sim_ta: np.ndarray, sim_tb: np.ndarray) -> np.ndarray:
     return sim_ta.mean(axis=1) - sim_tb.mean(axis=1)
 
 
-def _effect_size(s: np.ndarray, n_x: int) -> float:
+def _spread_bound(sim_ta: np.ndarray, sim_tb: np.ndarray) -> float:
+    """Largest std(s) that rounding alone can produce: 4 eps (n_a + n_b) max|cos| (module docstring)."""
+    c = max(float(np.abs(sim_ta).max()), float(np.abs(sim_tb).max()))
+    return 4.0 * np.finfo(np.float64).eps * (sim_ta.shape[1] + sim_tb.shape[1]) * c
+
+
+def _effect_size(s: np.ndarray, n_x: int, spread_bound: float) -> float:
+    """d of target scores ``s`` (X first); NaN when ``std(s) <= spread_bound`` (undefined)."""
     std = s.std(ddof=1)
-    if std == 0:
+    if std <= spread_bound:
         return math.nan
     return float((s[:n_x].mean() - s[n_x:].mean()) / std)
 
@@ -277,7 +297,7 @@ def _test_from_blocks(
     p, total, exact, floor = _permutation_p(s, n_x, permutations, seed, alternative)
     return AssociationResult(
         statistic=float(s[:n_x].sum() - s[n_x:].sum()),
-        effect_size=_effect_size(s, n_x),
+        effect_size=_effect_size(s, n_x, _spread_bound(sim_ta, sim_tb)),
         p_value=float(p),
         n_permutations=int(total),
         exact=bool(exact),
@@ -377,6 +397,7 @@ def _bootstrap_ci(
     n_t, n_a = sim_ta.shape
     n_b = sim_tb.shape[1]
     n_y = n_t - n_x
+    bound = _spread_bound(sim_ta, sim_tb)
     rows = max(1, _CHUNK_ELEMENTS // max(n_t, n_a, n_b))
     ds = np.empty(n_boot)
     for start in range(0, n_boot, rows):
@@ -388,7 +409,7 @@ def _bootstrap_ci(
         sy = np.take_along_axis(s, rng.integers(n_x, n_t, size=(m, n_y)), axis=1)
         std = np.concatenate([sx, sy], axis=1).std(axis=1, ddof=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            ds[start : start + m] = (sx.mean(axis=1) - sy.mean(axis=1)) / std
+            ds[start : start + m] = np.where(std > bound, (sx.mean(axis=1) - sy.mean(axis=1)) / std, np.nan)
     finite = ds[np.isfinite(ds)]
     if finite.size == 0:
         return EffectSizeCI(math.nan, math.nan, confidence, n_boot, 0, int(seed))

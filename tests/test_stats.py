@@ -142,6 +142,54 @@ def test_all_targets_identical_gives_nan_d_and_p_one():
     assert res.p_value == 1.0
 
 
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_a_equal_to_b_gives_nan_d_in_any_order():
+    X, Y, A, _ = _sets(20)
+    assert math.isnan(association_test(X, Y, A, A).effect_size)
+    # the same set in another order: s(w) is rounding noise of either sign, which used to give |d| ~ 1
+    s = stats._scores(*stats._blocks_from_embeddings(X, Y, A, A[::-1])[:2])
+    assert 0 < s.std(ddof=1) < 1e-15
+    assert math.isnan(association_test(X, Y, A, A[::-1]).effect_size)
+
+
+def test_targets_equal_up_to_float_noise_give_nan_d():
+    rng = np.random.default_rng(21)
+    w = _unit(rng.normal(size=(1, 8)))
+    noisy = w + 1e-15 * rng.normal(size=(6, 8))
+    A, B = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
+    s = stats._scores(*stats._blocks_from_embeddings(noisy[:3], noisy[3:], A, B)[:2])
+    assert s.std(ddof=1) > 0  # the old rule (std == 0) gave d = -1.15 here
+    res = association_test(noisy[:3], noisy[3:], A, B)
+    assert math.isnan(res.effect_size)
+    assert 0 < res.p_value <= 1  # p is what the permutation test gives
+    ci = effect_size_ci(noisy[:3], noisy[3:], A, B, n_boot=50)
+    assert ci.n_valid == 0 and math.isnan(ci.low)
+
+
+def test_small_but_real_spread_gives_the_formula():
+    """Targets 1e-6 apart (far above the rounding bound of ~1e-14): d is the textbook value."""
+    rng = np.random.default_rng(22)
+    w = _unit(rng.normal(size=(1, 8)))
+    X = w + 1e-6 * rng.normal(size=(3, 8))
+    Y = w + 1e-6 * rng.normal(size=(4, 8)) + 1e-6 * np.arange(8)
+    A, B = rng.normal(size=(5, 8)), rng.normal(size=(6, 8))
+    s, _, d, _, _ = _naive(X, Y, A, B)
+    assert 1e-9 < np.std(s, ddof=1) < 1e-5
+    res = association_test(X, Y, A, B)
+    assert math.isfinite(res.effect_size)
+    # s is a difference of cosines near 1e-6 apart: the naive and numpy sums agree to ~1e-10 relative
+    assert res.effect_size == pytest.approx(d, rel=1e-6)
+
+
+def test_spread_bound_follows_set_sizes_and_cosine_magnitude():
+    ta, tb = np.full((4, 3), -0.5), np.full((4, 7), 0.25)
+    assert stats._spread_bound(ta, tb) == 4 * np.finfo(float).eps * 10 * 0.5
+    assert stats._spread_bound(np.zeros((2, 1)), np.zeros((2, 1))) == 0  # all-orthogonal: std 0 -> NaN
+
+
 # --------------------------------------------------------------------------- alternatives, floors
 
 
