@@ -380,13 +380,20 @@ def association_test_from_similarity(
     return _test_from_blocks(sim_ta, sim_tb, n_x, permutations, seed, alternative)
 
 
+def _resample_counts(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
+    """(m, n) int counts: row k counts how often each of range(n) is drawn in n draws with replacement."""
+    draws = rng.integers(0, n, size=(m, n)) + n * np.arange(m)[:, None]
+    return np.bincount(draws.ravel(), minlength=m * n).reshape(m, n)
+
+
 def _bootstrap_ci(
     sim_ta: np.ndarray, sim_tb: np.ndarray, n_x: int, n_boot: int, confidence: float, seed: int
 ) -> EffectSizeCI:
     """Percentile bootstrap of d, resampling with replacement within X, Y, A and B independently.
 
-    A resampled attribute set is a vector of multinomial counts, so one replicate's s(w) for all targets
-    is one matrix product; X and Y are then resampled from those scores. Replicates are drawn in chunks
+    A resampled attribute set is a vector of counts (how often each image was drawn; counted with one
+    ``bincount`` per chunk, which is several times faster than ``Generator.multinomial`` row by row), so
+    one replicate's s(w) for all targets is one matrix product; X and Y are then resampled from those scores. Replicates are drawn in chunks
     whose size depends only on the set sizes, so the same inputs and seed give the same interval.
     """
     _check_integer("n_boot", n_boot, positive=True)
@@ -402,8 +409,8 @@ def _bootstrap_ci(
     ds = np.empty(n_boot)
     for start in range(0, n_boot, rows):
         m = min(rows, n_boot - start)
-        wa = rng.multinomial(n_a, np.full(n_a, 1 / n_a), size=m) / n_a
-        wb = rng.multinomial(n_b, np.full(n_b, 1 / n_b), size=m) / n_b
+        wa = _resample_counts(rng, n_a, m) / n_a
+        wb = _resample_counts(rng, n_b, m) / n_b
         s = wa @ sim_ta.T - wb @ sim_tb.T  # (m, n_t)
         sx = np.take_along_axis(s, rng.integers(0, n_x, size=(m, n_x)), axis=1)
         sy = np.take_along_axis(s, rng.integers(n_x, n_t, size=(m, n_y)), axis=1)

@@ -324,6 +324,13 @@ def test_bootstrap_ci_is_seeded_and_brackets_d():
     assert ci.low < narrow.low < narrow.high < ci.high
 
 
+def test_resample_counts_count_each_rows_draws():
+    counts = stats._resample_counts(np.random.default_rng(3), 5, 400)
+    draws = np.random.default_rng(3).integers(0, 5, size=(400, 5))
+    assert (counts == np.array([np.bincount(row, minlength=5) for row in draws])).all()
+    assert (counts.sum(axis=1) == 5).all()
+
+
 def test_bootstrap_from_similarity_equals_raw():
     rng = np.random.default_rng(17)
     emb = rng.normal(size=(16, 6))
