@@ -2,15 +2,8 @@
 
 The permutation tests only ever need cosines between images, so each embeddings file is reduced once to an
 (n, n) float64 matrix that the many test jobs read. This module must not import torch: test jobs import it
-thousands of times.
-
-File formats (see the team contract):
-
-- embeddings ``results/embeddings/{model}/{layer}.h5``: dataset ``embeddings`` (n_images, dim), float16 or
-  float32; dataset ``sha256`` (n_images,) UTF-8; attrs model, weights_sha256, preprocessing, layer, pooling,
-  dtype, versions (JSON string).
-- similarity ``results/similarity/{model}/{layer}.h5``: dataset ``similarity`` (n, n) float64 cosines, row and
-  column order = dataset ``sha256`` (n,) UTF-8; attrs copied from the embeddings file.
+thousands of times. The file formats are those of :mod:`sbssl.storage`; each similarity file records
+:func:`sbssl.provenance.provenance` of the similarity stage.
 """
 
 from __future__ import annotations
@@ -20,13 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import h5py
 import numpy as np
 
-from sbssl.io import atomic_path
-
-#: HDF5 type of the ``sha256`` datasets (variable-length UTF-8 strings).
-SHA256_DTYPE = h5py.string_dtype("utf-8")
+from sbssl.provenance import code_digest, provenance
+from sbssl.storage import (
+    PROVENANCE_KEYS,
+    SIMILARITY_REMEDY,
+    open_embeddings,
+    open_h5,
+    plain_attrs,
+    read_embeddings_header,
+    read_sha256,
+    read_similarity_arrays,
+    write_sha256,  # noqa: F401  (re-exported: tests and benchmarks write fixture files with it)
+    write_similarity,
+)
 
 #: Default memory budget of one row block of embeddings as stored (bytes). Two blocks are held at once.
 DEFAULT_BLOCK_BYTES = 256 * 2**20
@@ -60,30 +61,6 @@ class SimilarityMatrix:
         return np.fromiter((position[sha] for sha in hashes), dtype=np.int64, count=len(hashes))
 
 
-def write_sha256(group: h5py.Group, hashes: Sequence[str]) -> None:
-    """Write the ``sha256`` dataset (n,) of UTF-8 strings into an open HDF5 file or group."""
-    group.create_dataset("sha256", data=np.array(list(hashes), dtype=object), dtype=SHA256_DTYPE)
-
-
-def read_sha256(group: h5py.Group) -> list[str]:
-    """Read the ``sha256`` dataset of an open HDF5 file as a list of str."""
-    return [str(s) for s in group["sha256"].asstr()[()]]
-
-
-def plain_attrs(attrs: h5py.AttributeManager) -> dict[str, Any]:
-    """HDF5 attributes as plain Python values (str, int, float, ...), not numpy scalars."""
-    return {key: (value.item() if isinstance(value, np.generic) else value) for key, value in attrs.items()}
-
-
-def _require_datasets(f: h5py.File, path: Path, names: Sequence[str], what: str) -> None:
-    missing = [name for name in names if not isinstance(f.get(name), h5py.Dataset)]
-    if missing:
-        raise ValueError(
-            f"{path}: not a valid {what} file (dataset(s) {', '.join(missing)} missing); delete it and re-run "
-            "the embedding step"
-        )
-
-
 def cosine_similarities(
     embeddings_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -95,27 +72,17 @@ def cosine_similarities(
     The Gram matrix is computed block by block (row blocks of ``block_rows`` images, column slices of the
     feature dimension converted to float64), so memory stays bounded by about two row blocks as stored plus
     two 32 MiB float64 slices, whatever the layer size. The default ``block_rows`` keeps one block within
-    256 MiB (e.g. 167 rows of 802,816 float16 values). Every product is accumulated in float64: the result
-    equals the float64 cosines of the stored (e.g. float16) values up to float64 rounding. Measured on the
-    664 iEAT images at layer1 (802,816 float16 values each): peak RSS 0.84 GB, 17 s on 2 CPU cores.
+    256 MiB (e.g. 83 rows of 802,816 float32 values). Every product is accumulated in float64: the result
+    equals the float64 cosines of the stored values up to float64 rounding.
 
-    Raises ValueError naming the image when a row has zero norm or non-finite values (its cosine is
-    undefined), and when the file lacks the ``embeddings``/``sha256`` datasets.
+    The output's attrs are the embeddings file's, with ``sbssl_version``/``code_digest`` of the similarity
+    stage. Raises ValueError naming the image when a row has zero norm or non-finite values (its cosine is
+    undefined), and naming the file when it is unreadable or lacks the ``embeddings``/``sha256`` datasets.
     """
     src, dst = Path(embeddings_path), Path(out_path)
-    if not src.is_file():
-        raise FileNotFoundError(f"embeddings file {src} not found; run the embedding step first")
-    with h5py.File(src, "r") as f:
-        _require_datasets(f, src, ("embeddings", "sha256"), "embeddings")
-        emb = f["embeddings"]
-        hashes = read_sha256(f)
-        attrs = dict(f.attrs)
-        if emb.ndim != 2 or emb.shape[0] != len(hashes) or emb.shape[0] == 0:
-            raise ValueError(
-                f"{src}: embeddings have shape {emb.shape} but {len(hashes)} sha256 entries; expected "
-                "(n_images, dim) with n_images = len(sha256) > 0; delete it and re-run the embedding step"
-            )
-        n, dim = emb.shape
+    with open_embeddings(src) as (emb, header):
+        hashes = header.sha256
+        n, dim = header.shape
         if block_rows is None:
             block_rows = max(1, DEFAULT_BLOCK_BYTES // (dim * emb.dtype.itemsize))
         if block_rows < 1:
@@ -145,13 +112,7 @@ def cosine_similarities(
             "cosine similarity is undefined; check the image and the model weights (use dtype float32 if "
             "float16 overflowed)"
         )
-    similarity = gram / np.outer(norms, norms)
-    with atomic_path(dst) as tmp:
-        with h5py.File(tmp, "w") as out:
-            out.create_dataset("similarity", data=similarity)
-            write_sha256(out, hashes)
-            out.attrs.update(attrs)
-    return dst
+    return write_similarity(dst, gram / np.outer(norms, norms), hashes, {**header.attrs, **provenance("similarity")})
 
 
 def _gram_block(rows_i: np.ndarray, rows_j: np.ndarray) -> np.ndarray:
@@ -168,34 +129,33 @@ def _gram_block(rows_i: np.ndarray, rows_j: np.ndarray) -> np.ndarray:
 def read_similarity(path: str | os.PathLike[str]) -> SimilarityMatrix:
     """Read a similarity file written by :func:`cosine_similarities`.
 
-    Raises FileNotFoundError when absent and ValueError naming the file when a dataset is missing, the
-    matrix is not square or the number of hashes does not match its size.
+    Raises FileNotFoundError when absent and ValueError naming the file when it is unreadable (truncated,
+    corrupt), a dataset is missing, the matrix is not square or the number of hashes does not match its size.
     """
-    src = Path(path)
-    if not src.is_file():
-        raise FileNotFoundError(f"similarity file {src} not found; run the embedding/similarity step first")
-    with h5py.File(src, "r") as f:
-        _require_datasets(f, src, ("similarity", "sha256"), "similarity")
-        matrix = f["similarity"][()]
-        hashes = read_sha256(f)
-        attrs = plain_attrs(f.attrs)
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"{src}: similarity matrix has shape {matrix.shape}, expected square (n, n); delete it")
-    if len(hashes) != matrix.shape[0]:
-        raise ValueError(
-            f"{src}: {len(hashes)} sha256 entries for a {matrix.shape[0]}x{matrix.shape[0]} similarity matrix; "
-            "delete it and recompute"
-        )
-    return SimilarityMatrix(matrix=np.asarray(matrix, dtype=np.float64), sha256=hashes, attrs=attrs)
+    matrix, hashes, attrs = read_similarity_arrays(path)
+    return SimilarityMatrix(matrix=matrix, sha256=hashes, attrs=attrs)
+
+
+def _identity(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if k not in PROVENANCE_KEYS}
 
 
 def similarity_is_current(embeddings_path: str | os.PathLike[str], similarity_path: str | os.PathLike[str]) -> bool:
-    """True when ``similarity_path`` exists and was made from an embeddings file with the same attributes and
-    image list as ``embeddings_path`` (so recomputing it would give the same matrix)."""
+    """True when ``similarity_path`` exists, was written by the current similarity code and from an embeddings
+    file with the same attributes and image list as ``embeddings_path`` (so recomputing it would give the
+    same matrix). An unreadable similarity file is not current; an unreadable embeddings file is an error."""
+    source = read_embeddings_header(embeddings_path)
     sim = Path(similarity_path)
     if not sim.is_file():
         return False
-    with h5py.File(embeddings_path, "r") as f:
-        source_attrs, source_hashes = plain_attrs(f.attrs), read_sha256(f)
-    with h5py.File(sim, "r") as f:
-        return plain_attrs(f.attrs) == source_attrs and "sha256" in f and read_sha256(f) == source_hashes
+    try:
+        with open_h5(sim, "similarity", SIMILARITY_REMEDY) as f:
+            attrs = plain_attrs(f.attrs)
+            hashes = read_sha256(f) if "sha256" in f else None
+    except ValueError:
+        return False
+    return (
+        attrs.get("code_digest") == code_digest("similarity")
+        and _identity(attrs) == _identity(source.attrs)
+        and hashes == source.sha256
+    )

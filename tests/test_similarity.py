@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 
 import sbssl.similarity as similarity
-from sbssl.similarity import (
-    SimilarityMatrix,
-    cosine_similarities,
-    read_similarity,
-    similarity_is_current,
-    write_sha256,
-)
+from sbssl.provenance import provenance
+from sbssl.similarity import SimilarityMatrix, cosine_similarities, read_similarity, similarity_is_current
+from sbssl.storage import write_sha256
 
 ATTRS = {"model": "m", "weights_sha256": "ab" * 32, "preprocessing": "sbssl", "layer": "layer1",
-         "pooling": "flatten", "dtype": "float16", "versions": '{"numpy": "x"}'}  # fmt: skip
+         "pooling": "flatten", "dtype": "float16", "permute": "none", "versions": '{"numpy": "x"}',
+         "sbssl_version": "0.0.1", "code_digest": "0123456789abcdef"}  # fmt: skip
 
 
 def write_embeddings(path: Path, values: np.ndarray, hashes: list[str] | None = None, **attrs) -> list[str]:
@@ -58,7 +55,9 @@ def test_equals_direct_float64_cosines_of_stored_values(embeddings, tmp_path):
     np.testing.assert_allclose(np.diag(sim.matrix), 1.0, atol=1e-14)
     np.testing.assert_array_equal(sim.matrix, sim.matrix.T)
     assert sim.sha256 == hashes
-    assert sim.attrs == ATTRS
+    # The embeddings' attributes, with the provenance of the similarity code instead of the embedding code.
+    assert sim.attrs == {**ATTRS, **provenance("similarity")}
+    assert sim.attrs["code_digest"] != ATTRS["code_digest"]
 
 
 @pytest.mark.parametrize("block_rows", [1, 4, 7, 22, 100])
@@ -154,6 +153,37 @@ def test_similarity_is_current_tracks_the_embeddings(embeddings, tmp_path):
     assert not similarity_is_current(path, sim)
     write_embeddings(path, values, hashes, pooling="mean")
     assert not similarity_is_current(path, sim)
+
+
+def test_similarity_from_other_code_or_unreadable_is_not_current(embeddings, tmp_path):
+    path, _, _ = embeddings
+    sim = cosine_similarities(path, tmp_path / "s.h5")
+    with h5py.File(sim, "a") as f:
+        f.attrs["code_digest"] = "ffffffffffffffff"
+    assert not similarity_is_current(path, sim)
+    cosine_similarities(path, sim)
+    assert similarity_is_current(path, sim)
+    truncate(sim)
+    assert not similarity_is_current(path, sim)
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_files_are_errors_naming_the_file_and_the_remedy(embeddings, tmp_path):
+    path, _, _ = embeddings
+    sim = cosine_similarities(path, tmp_path / "s.h5")
+    truncate(sim)
+    with pytest.raises(ValueError, match=r"s\.h5: not a readable HDF5 similarity file \(truncated.*delete it and re-run the similarity step"):
+        read_similarity(sim)
+    truncate(path)
+    with pytest.raises(ValueError, match=r"emb\.h5: not a readable HDF5 embeddings file.*delete it and re-run the embedding step"):
+        cosine_similarities(path, tmp_path / "s2.h5")
+    with pytest.raises(ValueError, match=r"emb\.h5: not a readable HDF5 embeddings file"):
+        similarity_is_current(path, sim)
+    assert not (tmp_path / "s2.h5").exists()
 
 
 def test_module_does_not_import_torch():
