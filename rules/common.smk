@@ -1,14 +1,31 @@
 # Config validation, the catalogue and the zoo, and the input functions every stage uses.
-# Input functions look up only their own job's wildcards, so adding a model (or a test) changes no
-# other job's params and reruns nothing but its own column of the DAG plus the aggregates.
+#
+# What reruns a job is exactly what defines its numbers, nothing else:
+# - params carry the definition of each result: the model's definition (architecture, weights, init seed;
+#   never its title, family or other labels, which are joined at table time), the embedding settings
+#   that change values (preprocessing, pooling, dtype), the test's image sets, permutations, seed,
+#   alternative, and the digest of the sbssl code the stage runs (sbssl.provenance: Snakemake's own code
+#   trigger does not see an imported package);
+# - input functions look up only their own job's wildcards, so adding a model or a test changes no other
+#   job's params;
+# - because the similarity and test jobs carry their whole upstream definition in params, they read the
+#   embeddings and similarities as ancient() inputs: a re-run upstream job that by definition gives the
+#   same numbers (adding a layer re-embeds the model in its one forward pass; re-creating embeddings that
+#   keep_embeddings: false had deleted) reruns no finished similarity or test.
 import os
-from dataclasses import asdict
 
 from snakemake.utils import validate
 
 from sbssl.catalogue import load_catalogue
+from sbssl.io import read_yaml
 from sbssl.layers import LAYERS
-from sbssl.models import load_zoo
+from sbssl.models import load_zoo, model_definition_dict
+from sbssl.provenance import code_digest
+from sbssl.stimuli import scan_fingerprint
+
+# Snakemake's YAML loader keeps the last of two equal keys; a config with a repeated key is refused.
+for _configfile in workflow.configfiles:
+    read_yaml(_configfile, "workflow config")
 
 validate(config, "../config/schemas/config.schema.yaml", set_default=True)
 
@@ -22,7 +39,7 @@ def _check_names(kind, names, known, where):
     if unknown:
         raise WorkflowError(
             f"config key {kind!r} names {unknown}, which {where} does not define; "
-            f"known: {sorted(known)}"
+            f"known: {sorted(known) if not isinstance(known, tuple) else list(known)}"
         )
 
 
@@ -30,15 +47,23 @@ _check_names("models", config["models"], ZOO, config["zoo"])
 _check_names("tests", config["tests"], CATALOGUE, config["catalogue"])
 _check_names("control.models", config["control"]["models"], ZOO, config["zoo"])
 _check_names("control.tests", config["control"]["tests"], CATALOGUE, config["catalogue"])
+_check_names("layers", config.get("layers", []), LAYERS, "sbssl.layers.LAYERS")
+_check_names("summary.heatmap_layer", [config["summary"]["heatmap_layer"]], LAYERS, "sbssl.layers.LAYERS")
+_check_names("summary.meta_test_layer", [config["summary"]["meta_test_layer"]], LAYERS, "sbssl.layers.LAYERS")
 
 MODELS = config["models"]
-LAYERS_RUN = [layer for layer in LAYERS if layer in config["layers"]]
+LAYERS_RUN = [layer for layer in LAYERS if layer in config.get("layers", LAYERS)]
 TESTS = config["tests"] or list(CATALOGUE)
 SEEDS = config["seeds"]
 CONTROL_MODELS = config["control"]["models"]
 CONTROL_TESTS = config["control"]["tests"] or TESTS
 MANIFEST = f"{R}/stimuli/manifest.csv"
 GENERATED_STIMULI = {"demo": f"{R}/stimuli/demo", "ieat": f"{R}/stimuli/ieat"}
+LOCAL_STIMULI = None if config["stimuli"] in GENERATED_STIMULI else config["stimuli"]
+# Only the settings that change the embedding values define results; batch_size and device are
+# execution settings, read by the job from the config and recorded in each file.
+EMBEDDING_DEFINITION = {key: config["embedding"][key] for key in ("preprocessing", "pooling", "dtype")}
+WEIGHTS_LOCK = config["weights_lock"]
 
 
 wildcard_constraints:
@@ -53,6 +78,19 @@ def stimuli_root():
     return GENERATED_STIMULI.get(config["stimuli"], config["stimuli"])
 
 
+if LOCAL_STIMULI is not None:
+    # A local tree is used in place, so no rule makes it: check the catalogue's folders against it by the
+    # scan's own rules before any job runs, and fingerprint its content (sizes and mtimes first, hashes
+    # only where they changed) so that the manifest job reruns exactly when an image changes.
+    try:
+        load_catalogue(config["catalogue"], stimuli_root=LOCAL_STIMULI)
+        STIMULI_FINGERPRINT = scan_fingerprint(LOCAL_STIMULI, cache_path=f"{R}/stimuli/.scan_cache.json")
+    except (OSError, ValueError) as exc:
+        raise WorkflowError(f"config key 'stimuli' = {LOCAL_STIMULI!r}: {exc}") from None
+else:
+    STIMULI_FINGERPRINT = None
+
+
 def stimuli_param(wildcards, input):
     """A job's stimuli root: its stimuli input when the workflow made the folder, else the local copy."""
     return input.stimuli or stimuli_root()
@@ -63,9 +101,9 @@ def stimuli_input():
     return GENERATED_STIMULI.get(config["stimuli"], [])
 
 
-def model_spec(wildcards):
-    """This job's model only, as a plain dict (Snakemake compares params to decide on reruns)."""
-    return asdict(ZOO[wildcards.model])
+def model_definition(wildcards):
+    """What defines this job's model's numbers: architecture, weights (URL, format, digests), init seed."""
+    return model_definition_dict(ZOO[wildcards.model])
 
 
 def weights_input(wildcards):
@@ -73,9 +111,29 @@ def weights_input(wildcards):
     return [] if ZOO[wildcards.model].weights is None else f"pretrains/{wildcards.model}.pth"
 
 
+def embedding_definition(wildcards):
+    """Everything the embeddings of this job's model depend on, code included."""
+    return {"model": model_definition(wildcards), "embedding": EMBEDDING_DEFINITION, "code": code_digest("embed")}
+
+
+def similarity_definition(wildcards):
+    return {**embedding_definition(wildcards), "code": code_digest("similarity")}
+
+
+def test_sets(test):
+    """A test's id and image sets: what defines its numbers (title and group are joined at table time)."""
+    spec = CATALOGUE[test]
+    return {"id": spec.id, "x": spec.x, "y": spec.y, "a": spec.a, "b": spec.b}
+
+
 def test_definition(wildcards):
-    """This job's catalogue entry only."""
-    return asdict(CATALOGUE[wildcards.test])
+    """This job's test only."""
+    return test_sets(wildcards.test)
+
+
+def test_upstream(wildcards):
+    """The definition of the similarity matrix this test reads, and the test stage's code."""
+    return {**similarity_definition(wildcards), "code": code_digest("test")}
 
 
 def embedding_outputs(prefix):
@@ -104,13 +162,15 @@ def all_outputs():
     ]
     if CONTROL_MODELS:
         outputs.append(f"{R}/tables/control.csv")
+    if config["paper_study"]["enabled"]:
+        outputs.append(f"{R}/paper/meta_test.json")
     return outputs
 
 
-def figure_report(name):
+def figure_report(prefix, name, category="Figures"):
     """A figure for the report; its caption is the .rst the figure job writes beside it."""
     return report(
-        f"{R}/figures/{name}.png",
-        caption=os.path.abspath(f"{R}/figures/{name}.rst"),
-        category="Figures",
+        f"{prefix}/figures/{name}.png",
+        caption=os.path.abspath(f"{prefix}/figures/{name}.rst"),
+        category=category,
     )

@@ -1,55 +1,41 @@
-# The pixel-permutation control (paper section 4.2): the target images of the control tests are
-# pixel-shuffled, embedded by the control models, and the tests re-run. The same rules as the main
-# branch, on the control stimuli tree under {results}/control/.
+# The pixel-permutation control (paper section 4.2): the control models embed the main stimuli again,
+# with the spatial positions of each target image's input tensor shuffled after preprocessing (a seeded
+# permutation per image, sbssl.control), and the control tests re-run on those embeddings. Attribute
+# images are embedded as they are. The same rules as the main branch, under {results}/control/.
 C = f"{R}/control"
 
 
-rule control_stimuli:
-    input:
-        manifest=MANIFEST,
-        stimuli=stimuli_input(),
-    output:
-        directory(f"{C}/stimuli"),
-    params:
-        root=stimuli_param,
-        tests=[asdict(CATALOGUE[t]) for t in CONTROL_TESTS],
-        seed=config["control"]["seed"],
-    log:
-        f"{C}/logs/stimuli.log",
-    conda:
-        "../envs/sbssl.yaml"
-    script:
-        "../scripts/control_stimuli.py"
+def control_definition():
+    """What the control's permutation depends on: the control tests' image sets and the seed."""
+    return {
+        "tests": [test_sets(t) for t in CONTROL_TESTS],
+        "seed": config["control"]["seed"],
+    }
 
 
-use rule stimuli_manifest as control_manifest with:
-    input:
-        stimuli=f"{C}/stimuli",
-        catalogue=config["catalogue"],
-    output:
-        f"{C}/manifest.csv",
-    params:
-        root=stimuli_param,
-        skip_bad=False,
-        validate_catalogue=False,
-    log:
-        f"{C}/logs/manifest.log",
-    benchmark:
-        f"{C}/benchmarks/manifest.tsv"
+def control_embedding_definition(wildcards):
+    return {**embedding_definition(wildcards), "permutation": control_definition()}
+
+
+def control_similarity_definition(wildcards):
+    return {**control_embedding_definition(wildcards), "code": code_digest("similarity")}
+
+
+def control_test_upstream(wildcards):
+    return {**control_similarity_definition(wildcards), "code": code_digest("test")}
 
 
 use rule embed_layers as control_embed_layers with:
-    input:
-        manifest=f"{C}/manifest.csv",
-        stimuli=f"{C}/stimuli",
-        weights=weights_input,
     output:
         embedding_outputs(C),
     params:
-        model=model_spec,
+        definition=control_embedding_definition,
+        model=model_definition,
         root=stimuli_param,
         layers=LAYERS_RUN,
-        embedding=config["embedding"],
+        embedding=EMBEDDING_DEFINITION,
+        weights_lock=WEIGHTS_LOCK,
+        permutation=control_definition(),
     log:
         f"{C}/logs/embeddings/{{model}}.log",
     benchmark:
@@ -58,9 +44,11 @@ use rule embed_layers as control_embed_layers with:
 
 use rule cosine_similarities as control_cosine_similarities with:
     input:
-        f"{C}/embeddings/{{model}}/{{layer}}.h5",
+        ancient(f"{C}/embeddings/{{model}}/{{layer}}.h5"),
     output:
         f"{C}/similarity/{{model}}/{{layer}}.h5",
+    params:
+        definition=control_similarity_definition,
     log:
         f"{C}/logs/similarity/{{model}}/{{layer}}.log",
     benchmark:
@@ -69,10 +57,16 @@ use rule cosine_similarities as control_cosine_similarities with:
 
 use rule association_test as control_association_test with:
     input:
-        similarity=f"{C}/similarity/{{model}}/{{layer}}.h5",
-        manifest=f"{C}/manifest.csv",
+        similarity=ancient(f"{C}/similarity/{{model}}/{{layer}}.h5"),
+        manifest=MANIFEST,
     output:
         f"{C}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
+    params:
+        test=test_definition,
+        permutations=config["permutations"],
+        alternative=config["alternative"],
+        bootstrap=config["bootstrap"],
+        upstream=control_test_upstream,
     log:
         f"{C}/logs/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.log",
 
@@ -81,6 +75,7 @@ use rule tests_table as control_tests_table with:
     input:
         results=test_results(C, CONTROL_MODELS, CONTROL_TESTS),
         zoo=config["zoo"],
+        catalogue=config["catalogue"],
     output:
         f"{C}/tables/tests.csv",
     log:
@@ -99,6 +94,7 @@ rule control_survival:
         ),
     params:
         alpha=config["control"]["alpha"],
+        code=code_digest("tables"),
     log:
         f"{R}/logs/tables/control.log",
     conda:

@@ -11,10 +11,13 @@ rule embed_layers:
     output:
         embedding_outputs(R),
     params:
-        model=model_spec,
+        definition=embedding_definition,
+        model=model_definition,
         root=stimuli_param,
         layers=LAYERS_RUN,
-        embedding=config["embedding"],
+        embedding=EMBEDDING_DEFINITION,
+        weights_lock=WEIGHTS_LOCK,
+        permutation=None,
     threads: 2
     resources:
         gpu=1,
@@ -32,9 +35,11 @@ rule embed_layers:
 
 rule cosine_similarities:
     input:
-        f"{R}/embeddings/{{model}}/{{layer}}.h5",
+        ancient(f"{R}/embeddings/{{model}}/{{layer}}.h5"),
     output:
         f"{R}/similarity/{{model}}/{{layer}}.h5",
+    params:
+        definition=similarity_definition,
     resources:
         mem_mb=4000,
         runtime=30,

@@ -1,7 +1,11 @@
 # Stage 5: what readers look at. The per-test table is averaged over seeds (plus the model "random"
 # = mean of the random initialisations) with adjusted p-values; then the contrastive vs
 # non-contrastive meta-test and the paper's figures. The same functions back `sbssl summarize`.
-FIGURES = ["bias_counts", "intersectional", "strength", f"heatmap_{config['summary']['heatmap_layer']}"]
+# With paper_study.enabled, the paper's own study is recomputed from its published per-test rows into
+# {results}/paper/ (same functions), so the report shows the published result beside the live run.
+FIGURE_NAMES = ["bias_counts", "intersectional", "strength"]
+FIGURES = FIGURE_NAMES + [f"heatmap_{config['summary']['heatmap_layer']}"]
+PAPER_FIGURES = FIGURE_NAMES + ["heatmap_avgpool"]
 
 
 rule summarize:
@@ -19,6 +23,8 @@ rule summarize:
             caption="report/counts.rst",
             category="Tables",
         ),
+    params:
+        code=code_digest("tables"),
     log:
         f"{R}/logs/tables/summary.log",
     conda:
@@ -37,6 +43,9 @@ rule meta_test:
             caption="report/meta_test.rst",
             category="Meta-test",
         ),
+    params:
+        layer=config["summary"]["meta_test_layer"],
+        code=code_digest("tables"),
     log:
         f"{R}/logs/meta_test.log",
     conda:
@@ -50,10 +59,11 @@ rule figures:
         summary=f"{R}/tables/summary.csv",
         zoo=config["zoo"],
     output:
-        [figure_report(name) for name in FIGURES],
+        [figure_report(R, name) for name in FIGURES],
         expand(f"{R}/figures/{{name}}.{{ext}}", name=FIGURES, ext=["pdf", "rst"]),
     params:
         heatmap_layer=config["summary"]["heatmap_layer"],
+        code=code_digest("tables"),
     log:
         f"{R}/logs/figures.log",
     benchmark:
@@ -62,3 +72,27 @@ rule figures:
         "../envs/sbssl.yaml"
     script:
         "../scripts/figures.py"
+
+
+rule paper_study:
+    input:
+        rows=config["paper_study"]["rows"],
+        catalogue=config["paper_study"]["catalogue"],
+    output:
+        summary=f"{R}/paper/summary.csv",
+        counts=f"{R}/paper/counts.csv",
+        meta_test=report(
+            f"{R}/paper/meta_test.json",
+            caption="report/paper_meta_test.rst",
+            category="Paper (published rows)",
+        ),
+        figures=[figure_report(f"{R}/paper", name, "Paper (published rows)") for name in PAPER_FIGURES],
+        other=expand(f"{R}/paper/figures/{{name}}.{{ext}}", name=PAPER_FIGURES, ext=["pdf", "rst"]),
+    params:
+        code=code_digest("tables"),
+    log:
+        f"{R}/logs/paper_study.log",
+    conda:
+        "../envs/sbssl.yaml"
+    script:
+        "../scripts/paper_study.py"

@@ -2,11 +2,13 @@
 # About 10,500 jobs in the full study: the job body runs in the Snakemake process (`run:` with
 # force-use-threads in profiles/default) and reads the similarity matrix through an in-process cache,
 # so a job costs milliseconds instead of a Python start-up (benchmarks/bench_dag.py measures it).
+# `upstream` is not used by the body: it is the definition of the similarity matrix, so that a change of
+# the model, the embedding settings or the code reruns the test although its input is ancient().
 
 
 rule association_test:
     input:
-        similarity=f"{R}/similarity/{{model}}/{{layer}}.h5",
+        similarity=ancient(f"{R}/similarity/{{model}}/{{layer}}.h5"),
         manifest=MANIFEST,
     output:
         f"{R}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
@@ -14,6 +16,8 @@ rule association_test:
         test=test_definition,
         permutations=config["permutations"],
         alternative=config["alternative"],
+        bootstrap=config["bootstrap"],
+        upstream=test_upstream,
     resources:
         mem_mb=500,
         runtime=5,
@@ -33,6 +37,8 @@ rule association_test:
             seed=int(wildcards.seed),
             permutations=params.permutations,
             alternative=params.alternative,
+            n_boot=params.bootstrap["n_boot"],
+            confidence=params.bootstrap["confidence"],
         )
 
 
@@ -40,12 +46,15 @@ rule tests_table:
     input:
         results=test_results(R, MODELS, TESTS),
         zoo=config["zoo"],
+        catalogue=config["catalogue"],
     output:
         report(
             f"{R}/tables/tests.csv",
             caption="report/tests_table.rst",
             category="Tables",
         ),
+    params:
+        code=code_digest("tables"),
     log:
         f"{R}/logs/tables/tests.log",
     conda:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,15 +50,36 @@ SMALL = {
     "results": "results",
     "stimuli": "demo",
     "demo_images_per_concept": 3,
-    "catalogue": "config/demo_tests.yaml",
+    "catalogue": "config/small_tests.yaml",
     "models": ["random_1", "tv_a"],
     "layers": ["layer4", "avgpool"],
     "seeds": [0, 1],
     "permutations": 500,
-    "embedding": {"batch_size": 8},
+    # keep_embeddings false is the harder case for partial reruns: the embeddings are gone afterwards
+    "embedding": {"batch_size": 8, "keep_embeddings": False},
     "control": {"models": []},
 }
-TARGET = "results/tables/tests.csv"
+TARGET = "results/tables/counts.csv"
+N_TESTS = 5  # the demo's four tests and one degenerate test (A == B)
+
+
+def _small_catalogue(work: Path) -> None:
+    """The demo catalogue plus a degenerate test: A == B gives s(w) = 0 for every target, d undefined."""
+    catalogue = yaml.safe_load((work / "config/demo_tests.yaml").read_text())
+    catalogue["tests"].append({
+        "id": "same_attributes", "title": "Same attributes", "group": "core",
+        "x": "targets/warm", "y": "targets/cool", "a": "attributes/pleasant", "b": "attributes/pleasant",
+    })
+    (work / "config/small_tests.yaml").write_text(yaml.safe_dump(catalogue, sort_keys=False))
+
+
+def _jobs(work: Path, config: Path, *args: str) -> list[tuple[str, dict[str, str]]]:
+    return planned_jobs(snakemake(work, "--configfile", str(config), "-n", *args, TARGET).stdout)
+
+
+def _outputs(work: Path, pattern: str) -> dict[Path, tuple[int, bytes]]:
+    """mtime and bytes of every file matching ``pattern`` under ``work`` (to show nothing was rewritten)."""
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(work.glob(pattern))}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +88,7 @@ def small_study(tmp_path_factory):
     work = copy_workflow(tmp_path_factory.mktemp("small_study"))
     checkpoints = tmp_path_factory.mktemp("checkpoints")
     _add_pretrained(work / "config/models.yaml", "tv_a", checkpoints / "a.pth", _checkpoint(checkpoints / "a.pth", 1))
+    _small_catalogue(work)
     config = write_config(work, "small.yaml", SMALL)
     snakemake(work, "--configfile", str(config), "--cores", "2", TARGET)
     return work, config, checkpoints
@@ -93,10 +116,30 @@ def test_full_study_dag_has_the_papers_shape(tmp_path):
 
 
 def test_local_stimuli_copy_is_one_override(tmp_path):
-    work = copy_workflow(tmp_path)
-    out = snakemake(work, "-n", "stimuli_manifest", "--config", f"stimuli={tmp_path / 'copy'}", "models=[random_1]")
+    from sbssl.demo import generate_demo_stimuli
+
+    work = copy_workflow(tmp_path / "work")
+    generate_demo_stimuli(tmp_path / "copy", images_per_concept=2)
+    out = snakemake(
+        work, "-n", "stimuli_manifest", "--config", f"stimuli={tmp_path / 'copy'}", "models=[random_1]",
+        "catalogue=config/demo_tests.yaml",
+    )
     rules = {rule for rule, _ in planned_jobs(out.stdout)}
     assert rules == {"stimuli_manifest"}  # no download: the local copy is used in place
+
+
+def test_a_catalogue_folder_missing_from_a_local_copy_fails_before_any_job(tmp_path):
+    from sbssl.demo import generate_demo_stimuli
+
+    work = copy_workflow(tmp_path / "work")
+    generate_demo_stimuli(tmp_path / "copy", images_per_concept=2)
+    shutil.rmtree(tmp_path / "copy/control/second")
+    out = snakemake(
+        work, "-n", "--config", f"stimuli={tmp_path / 'copy'}", "models=[random_1]",
+        "catalogue=config/demo_tests.yaml", check=False,
+    )
+    assert out.returncode != 0
+    assert "control/second" in out.stdout + out.stderr
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
@@ -115,7 +158,7 @@ def test_adding_a_model_runs_only_its_jobs(small_study):
     for rule, wildcards in jobs:
         assert rule in AGGREGATES or wildcards.get("model") == "random_2", (rule, wildcards)
     tests = [w for rule, w in jobs if rule == "association_test"]
-    assert len(tests) == 2 * 4 * 2  # layers x tests x seeds of the new model
+    assert len(tests) == 2 * N_TESTS * 2  # layers x tests x seeds of the new model
     assert sum(rule == "embed_layers" for rule, _ in jobs) == 1
 
 
@@ -139,6 +182,7 @@ def test_killed_run_resumes_with_identical_results(small_study, tmp_path):
     finished, _, checkpoints = small_study
     work = copy_workflow(tmp_path / "work")
     (work / "config/models.yaml").write_text((finished / "config/models.yaml").read_text())
+    _small_catalogue(work)
     config = write_config(work, "small.yaml", SMALL)
     proc = subprocess.Popen(
         [sys.executable, "-m", "snakemake", "--configfile", str(config), "--cores", "2", TARGET],
@@ -160,33 +204,176 @@ def test_killed_run_resumes_with_identical_results(small_study, tmp_path):
     snakemake(work, "--configfile", str(config), "--cores", "2", "--rerun-incomplete", TARGET)
     assert (work / TARGET).read_bytes() == (finished / TARGET).read_bytes()
     jsons = sorted(p.relative_to(finished) for p in (finished / "results/tests").rglob("*.json"))
-    assert len(jsons) == 2 * 2 * 4 * 2
+    assert len(jsons) == 2 * 2 * N_TESTS * 2
     for rel in jsons:
         assert (work / rel).read_bytes() == (finished / rel).read_bytes(), rel
 
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    """`make demo`'s workflow in a copy: planted biases found, controls not, figures, report."""
+    """`make demo`'s workflow in a copy: planted biases found, controls not, the paper's study, report."""
     work = copy_workflow(tmp_path)
     snakemake(work, "--configfile", "config/demo.yaml", "--cores", "2", timeout=900)
     snakemake(work, "--configfile", "config/demo.yaml", "--report", "results/demo/report.html")
     results = work / "results/demo"
     tests = pd.read_csv(results / "tables/tests.csv")
     assert len(tests) == 2 * 6 * 4 * 3
-    p = tests.groupby(["test", "model", "layer"])["p"].mean()
-    assert (p["colour_valence"] < 0.01).all()
-    assert (p["intersectional_dots_valence"] < 0.01).all()
+    by_test = tests.groupby(["test", "model", "layer"])
+    p, d = by_test["p"].mean(), by_test["d"].mean()
+    # the planted association: large d, p at the floor of 10,000 permutations, at every layer
+    assert (p["colour_valence"] < 0.01).all() and (d["colour_valence"] > 1.0).all()
+    assert (p["intersectional_dots_valence"] < 0.01).all() and (d["intersectional_dots_valence"] > 1.0).all()
     assert (p["colour_valence_reversed"] > 0.9).all()
+    assert (d["colour_valence_reversed"] == -d["colour_valence"]).all()
     assert (p["null_control"] > 0.1).all()
+    summary = pd.read_csv(results / "tables/summary.csv")
     counts = pd.read_csv(results / "tables/counts.csv")
-    assert set(counts.columns) >= {"model", "layer", "threshold", "n_biases"}
-    meta = json.loads((results / "meta_test.json").read_text())
-    assert "p_value" in meta
+    for row in counts.itertuples():
+        rows = summary[(summary["model"] == row.model) & (summary["layer"] == row.layer)]
+        assert row.n_biases == int((rows["p"] < row.threshold).sum())
     control = pd.read_csv(results / "tables/control.csv")
     assert control.loc[control["test"] == "colour_valence", "survives"].all()
     assert not control.loc[control["test"] == "null_control", "significant"].any()
-    for png in (results / "figures").glob("*.png"):
-        assert png.stat().st_size > 1000
-    assert len(list((results / "figures").glob("*.png"))) == 4
-    assert (results / "report.html").stat().st_size > 10_000
+    # the headline result of the paper, recomputed from its published rows
+    meta = json.loads((results / "paper/meta_test.json").read_text())
+    assert round(meta["p_value"], 4) == 0.0493 and meta["n_thresholds"] == 142
+    paper = pd.read_csv(results / "paper/counts.csv")
+    at_gap = paper[paper["layer"] == "avgpool"].set_index(["model", "threshold"])["n_biases"]
+    assert [at_gap[("relative_loc", t)] for t in (0.1, 0.05, 0.01)] == [19, 15, 12]
+    assert [at_gap[("rotation", t)] for t in (0.1, 0.05, 0.01)] == [6, 4, 0]
+    report_html = (results / "report.html").read_text(errors="replace")
+    assert "Paper (published rows)" in report_html
+
+
+def test_relabelling_a_model_and_a_test_reruns_only_the_aggregates(small_study):
+    work, config, _ = small_study
+    zoo_path, catalogue_path = work / "config/models.yaml", work / "config/small_tests.yaml"
+    originals = {path: path.read_text() for path in (zoo_path, catalogue_path)}
+    try:
+        zoo = yaml.safe_load(zoo_path.read_text())
+        zoo["models"]["tv_a"].update(title="Renamed", family="contrastive", meta_group="contrastive", imagenet_top1=1.0)
+        zoo["models"]["random_1"]["title"] = "Another title"
+        zoo_path.write_text(yaml.safe_dump(zoo, sort_keys=False))
+        catalogue = yaml.safe_load(catalogue_path.read_text())
+        catalogue["tests"][0].update(title="Renamed test", group="intersectional")
+        catalogue_path.write_text(yaml.safe_dump(catalogue, sort_keys=False))
+        jobs = _jobs(work, config)
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)
+    rules = {rule for rule, _ in jobs}
+    assert rules and rules <= AGGREGATES, rules
+
+
+def test_changing_only_execution_settings_reruns_nothing(small_study):
+    work, _, _ = small_study
+    config = write_config(work, "execution.yaml", {
+        **SMALL, "embedding": {"batch_size": 3, "device": "cpu", "keep_embeddings": True},
+    })
+    out = snakemake(work, "--configfile", str(config), "-n", TARGET)
+    assert planned_jobs(out.stdout) == [], out.stdout[-2000:]
+
+
+def test_adding_a_layer_reruns_no_finished_test(small_study):
+    work, _, _ = small_study
+    before = _outputs(work, "results/tests/**/*.json")
+    config = write_config(work, "plus_layer.yaml", {**SMALL, "layers": ["layer3", *SMALL["layers"]]})
+    jobs = _jobs(work, config)
+    tests = [w for rule, w in jobs if rule == "association_test"]
+    assert {w["layer"] for w in tests} == {"layer3"}
+    assert len(tests) == 2 * N_TESTS * 2  # models x tests x seeds at the new layer
+    # Really run it (the embeddings were deleted: keep_embeddings is false), then check the old results.
+    snakemake(work, "--configfile", str(config), "--cores", "2", TARGET)
+    after = _outputs(work, "results/tests/**/*.json")
+    assert {p: v for p, v in after.items() if p in before} == before
+    assert planned_jobs(snakemake(work, "--configfile", str(config), "-n", TARGET).stdout) == []
+
+
+def test_degenerate_test_is_kept_flagged_and_left_out_of_counts(small_study):
+    work, _, _ = small_study
+    tests = pd.read_csv(work / "results/tables/tests.csv", keep_default_na=False, na_values=[""])
+    same = tests[tests["test"] == "same_attributes"]
+    assert len(same) == 2 * 2 * 2 and same["d"].isna().all()
+    assert same["flags"].str.contains("degenerate").all()
+    assert (same["p"] == 1.0).all()  # every split ties: s(w) = 0 for all targets
+    summary = pd.read_csv(work / "results/tables/summary.csv", keep_default_na=False, na_values=[""])
+    excluded = summary[summary["test"] == "same_attributes"]
+    assert excluded["excluded"].str.contains("degenerate").all()
+    assert not summary.loc[summary["test"] != "same_attributes", "excluded"].fillna("").astype(bool).any()
+    counts = pd.read_csv(work / "results/tables/counts.csv")
+    significant = summary[summary["excluded"].fillna("") == ""]
+    for row in counts.itertuples():
+        rows = significant[(significant["model"] == row.model) & (significant["layer"] == row.layer)]
+        assert row.n_biases == int((rows["p"] < row.threshold).sum())
+    meta = json.loads((work / "results/meta_test.json").read_text())
+    assert "p_value" in meta
+
+
+def test_results_record_the_code_that_computed_them(small_study):
+    from sbssl.provenance import code_digest
+
+    work, _, _ = small_study
+    record = json.loads(next((work / "results/tests").rglob("*.json")).read_text())
+    assert record["code_digest"] == code_digest("test")
+    assert "title" not in record and "group" not in record  # labels are joined at table time
+    import h5py
+
+    with h5py.File(next((work / "results/similarity").rglob("*.h5")), "r") as f:
+        assert f.attrs["code_digest"] == code_digest("similarity")
+        assert f.attrs["dtype"] == "float32"  # the paper's precision is the default
+
+
+def test_config_with_a_repeated_key_is_refused(tmp_path):
+    work = copy_workflow(tmp_path)
+    config = work / "twice.yaml"
+    config.write_text("models: [random_1]\npermutations: 100\npermutations: 1000\n")
+    out = snakemake(work, "--configfile", str(config), "-n", check=False)
+    assert out.returncode != 0
+    message = out.stdout + out.stderr
+    assert "twice.yaml" in message and "permutations" in message and "second time" in message
+
+
+def test_local_stimuli_changes_rerun_the_manifest(small_study, tmp_path):
+    finished, _, _ = small_study
+    work = copy_workflow(tmp_path / "work")
+    stimuli = tmp_path / "stimuli"
+    shutil.copytree(finished / "results/stimuli/demo", stimuli)
+    _small_catalogue(work)
+    config = write_config(work, "local.yaml", {**SMALL, "stimuli": str(stimuli)})
+    manifest = "results/stimuli/manifest.csv"
+
+    def planned() -> set[str]:
+        return {r for r, _ in planned_jobs(snakemake(work, "--configfile", str(config), "-n", manifest).stdout)}
+
+    snakemake(work, "--configfile", str(config), "--cores", "1", manifest)
+    assert planned() == set()
+    image = next(stimuli.glob("targets/warm/*"))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # touched, same bytes
+    assert planned() == set()
+    shutil.copyfile(next(stimuli.glob("targets/cool/*")), image)  # content changed
+    assert planned() == {"stimuli_manifest"}
+    snakemake(work, "--configfile", str(config), "--cores", "1", manifest)
+    assert planned() == set()
+    (stimuli / "targets/warm/extra.png").write_bytes((stimuli / "targets/cool").iterdir().__next__().read_bytes())
+    assert planned() == {"stimuli_manifest"}
+
+
+def test_a_replaced_checkpoint_fails_and_keeps_finished_results(small_study):
+    """A different valid checkpoint at pretrains/<model>.pth is refused; finished results stay as they were."""
+    work, config, checkpoints = small_study
+    weights = work / "pretrains/tv_a.pth"
+    saved = weights.read_bytes()
+    stat = weights.stat()
+    before = _outputs(work, "results/similarity/tv_a/*.h5") | _outputs(work, "results/tests/tv_a/**/*.json")
+    # a new layer needs the model again: the checkpoint is verified at that use
+    plus_layer = write_config(work, "plus_layer2.yaml", {**SMALL, "layers": ["layer2", *SMALL["layers"]]})
+    try:
+        _checkpoint(weights, 7)  # another valid ResNet-50
+        out = snakemake(work, "--configfile", str(plus_layer), "--cores", "2", TARGET, check=False)
+    finally:
+        weights.write_bytes(saved)
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert out.returncode != 0
+    assert "tv_a.pth" in out.stdout + out.stderr
+    after = _outputs(work, "results/similarity/tv_a/*.h5") | _outputs(work, "results/tests/tv_a/**/*.json")
+    assert after == before

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles/default")
+WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles/default", "data/published")
 
 
 def copy_workflow(dest: Path) -> Path:
