@@ -4,33 +4,55 @@ The stimuli root has the layout of the iEAT data set, ``<category>/<concept>/<im
 folder holding an image, relative to the root (``valence/unpleasant``). Images are identified by the sha256
 of their bytes, so a file that sits in several concept folders is embedded once.
 
+What the scan reads (:func:`discover`, and with it :func:`build_manifest`, :func:`scan_fingerprint` and the
+catalogue's folder check): the non-hidden files at least two folders deep that are *regular files inside the
+root*. The root itself may be a symlink (it is resolved first). Below it:
+
+- a symlink to a folder is never followed (wherever it leads; a tree with folder links would list images
+  twice or leave the root);
+- a symlink to a file is followed only when its target is a regular file inside the root; a symlink leading
+  out of the root, to a missing file or to anything but a regular file is skipped;
+- FIFOs, sockets and device files are skipped without being opened (reading a FIFO would block forever);
+- skipped entries get no manifest row; one :class:`StimuliScanWarning` per scan names them.
+
+Size limits, checked before anything is decoded: a file over :data:`MAX_IMAGE_BYTES` is not read, and an
+image whose header states more than :data:`MAX_IMAGE_PIXELS` pixels is not decoded (:class:`ImageTooLarge`);
+:func:`load_image` applies the same limits.
+
 Manifest columns (one row per file, sorted by ``path``):
 
 - ``path``: posix path relative to the root (``valence/unpleasant/coffin1_google.jpg``)
 - ``concept``: the parent folder relative to the root (``valence/unpleasant``)
 - ``sha256``: hex digest of the file bytes ("" for unreadable files)
-- ``format``: ``JPEG`` / ``PNG`` / ``WEBP``, from the content, not the name ("" for unreadable files)
+- ``format``: ``JPEG`` / ``PNG`` / ``WEBP``, from the content, not the name ("" for unreadable files); a
+  multi-picture JPEG (MPO, e.g. from a stereo or depth camera) is ``JPEG``
 - ``width``, ``height``: pixels (0 for unreadable files)
 - ``status``: ``;``-joined flags, ``ok`` when there is nothing to report, else any of ``duplicate`` (same
   bytes as a file earlier in path order), ``extension_mismatch`` (the name's extension does not match the
-  content, e.g. a JPEG named ``.png``), ``unreadable`` (only with ``skip_bad``; such rows are not usable).
+  content, e.g. a JPEG named ``.png``), ``animated`` (more than one frame: an animated PNG/WebP or a
+  multi-picture JPEG; only the first frame is decoded and embedded), ``unreadable`` (only with ``skip_bad``;
+  such rows are not usable), ``too_large`` (with ``unreadable``: the file is over :data:`MAX_IMAGE_BYTES`
+  or the image over :data:`MAX_IMAGE_PIXELS`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sbssl.io import atomic_path
+from sbssl.io import atomic_path, write_json_atomic
 
 MANIFEST_COLUMNS = ("path", "concept", "sha256", "format", "width", "height", "status")
 #: Formats decoded (Pillow format names) and the file extensions that agree with each.
@@ -39,6 +61,11 @@ FORMAT_EXTENSIONS = {
     "PNG": (".png",),
     "WEBP": (".webp",),
 }
+#: Largest stimulus file read, in bytes (64 MiB; the iEAT files are at most a few MB).
+MAX_IMAGE_BYTES = 64 * 2**20
+#: Largest image decoded, in pixels (width x height, 50 megapixels, ~150 MB as 8-bit RGB), checked from the
+#: header before any pixel is decoded. Pillow's own limit only warns from 89 Mpx and refuses from 179 Mpx.
+MAX_IMAGE_PIXELS = 50_000_000
 #: The iEAT repository (Steed & Caliskan, FAccT 2021) at the commit the study used. Only the short id is
 #: known here; GitHub resolves it in archive URLs. The archive itself is generated on the fly (not
 #: byte-stable), so it is verified file by file against IEAT_FILE_HASHES instead of by its own sha256.
@@ -46,6 +73,14 @@ IEAT_COMMIT = "4d7639b"
 IEAT_ARCHIVE_URL = f"https://github.com/ryansteed/ieat/archive/{IEAT_COMMIT}.tar.gz"
 #: The per-file hashes of the iEAT ``data/experiments`` tree shipped with the package (see fetch_stimuli).
 IEAT_FILE_HASHES = Path(__file__).resolve().parents[1] / "config" / "ieat_stimuli_files.csv"
+
+
+class ImageTooLarge(ValueError):
+    """A file over :data:`MAX_IMAGE_BYTES` or an image over :data:`MAX_IMAGE_PIXELS` (status ``too_large``)."""
+
+
+class StimuliScanWarning(UserWarning):
+    """Entries under a stimuli root that the scan skipped (symlinks leading out of the root, FIFOs, ...)."""
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
@@ -57,52 +92,192 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _skip_reason(base: Path, path: Path) -> str | None:
+    """Why the scan skips the non-folder entry ``path`` under the resolved root ``base``; None for a candidate.
+
+    Only metadata is read (lstat/stat), so a FIFO or device is never opened.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as exc:
+        return f"cannot be inspected ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if not stat.S_ISLNK(mode):
+        return "not a regular file (FIFO, socket or device)"
+    target = Path(os.path.realpath(path))
+    if not target.is_relative_to(base):
+        return f"symlink to {target}, outside the root"
+    try:
+        target_mode = os.stat(target).st_mode
+    except OSError:
+        return "dangling symlink"
+    return None if stat.S_ISREG(target_mode) else f"symlink to {target}, not a regular file"
+
+
+def _warn_skipped(base: Path, skipped: list[tuple[str, str]]) -> None:
+    if skipped:
+        listed = "; ".join(f"{rel}: {why}" for rel, why in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        entries = "entry" if len(skipped) == 1 else "entries"
+        warnings.warn(
+            f"stimuli root {base}: {len(skipped)} {entries} skipped ({listed}{more}); only regular files inside "
+            "the root are stimuli: copy the images in to use them",
+            StimuliScanWarning,
+            stacklevel=3,
+        )
+
+
+def _scan_folder(
+    base: Path, here: Path, dirnames: list[str], filenames: list[str], found: list[str],
+    skipped: list[tuple[str, str]],
+) -> list[str]:
+    """Sort one folder's entries (as os.walk lists them) into ``found``/``skipped``; return the folders to enter.
+
+    os.walk lists a folder symlink among the folders (and, with followlinks=False, never enters it).
+    """
+    rel_dir = here.relative_to(base)
+    links = [d for d in dirnames if not d.startswith(".") and (here / d).is_symlink()]
+    skipped.extend(((rel_dir / d).as_posix(), "folder symlink, not followed") for d in links)
+    if len(rel_dir.parts) >= 2:  # files at the top or directly in a category folder are not stimuli
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            rel = (rel_dir / name).as_posix()
+            reason = _skip_reason(base, here / name)
+            if reason is None:
+                found.append(rel)
+            else:
+                skipped.append((rel, reason))
+    return [d for d in dirnames if not d.startswith(".") and d not in links]
+
+
+def _scan(base: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """(candidate paths, [(skipped path, reason)]) under the resolved root ``base``, both sorted by path."""
+    found: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        dirnames[:] = _scan_folder(base, Path(dirpath), dirnames, filenames, found, skipped)
+    return sorted(found), sorted(skipped)
+
+
+def _resolved_root(root: str | os.PathLike[str]) -> Path:
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"stimuli root {root} is not a directory")
+    return Path(root).resolve()
+
+
 def discover(root: str | os.PathLike[str]) -> list[str]:
     """Posix paths (relative to ``root``, sorted) of the candidate image files under ``root``.
 
     Candidates are the files at least two folders deep (``<category>/<concept>/<image>``); files at the top
     level or directly in a category folder (READMEs, licences) and hidden files/folders are not stimuli.
+    Only regular files inside the root are candidates (see the module docstring: folder symlinks are not
+    followed, file symlinks only to a regular file inside the root, FIFOs and devices are never opened);
+    other entries are skipped with a :class:`StimuliScanWarning` naming them.
     """
-    base = Path(root)
-    if not base.is_dir():
-        raise FileNotFoundError(f"stimuli root {base} is not a directory")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = Path(dirpath).relative_to(base)
-        if len(rel_dir.parts) < 2:
-            continue
-        found.extend((rel_dir / name).as_posix() for name in filenames if not name.startswith("."))
+    base = _resolved_root(root)
+    found, skipped = _scan(base)
+    _warn_skipped(base, skipped)
+    return found
+
+
+def concept_folder_files(root: str | os.PathLike[str], folder: str) -> list[str]:
+    """Candidate image files (posix paths relative to ``root``, sorted) directly in the concept ``folder``.
+
+    The same rules as :func:`discover`, for one folder (``folder`` is a relative posix path such as
+    ``valence/pleasant``). Raises FileNotFoundError when the folder does not exist and ValueError when the
+    scan would not read it: fewer than two levels deep, hidden, or a symlink (or below one), wherever it
+    leads. An empty list means the folder holds no candidate file. Messages start with ``folder``.
+    """
+    base = _resolved_root(root)
+    parts = PurePosixPath(folder).parts
+    if len(parts) < 2 or any(p.startswith(".") for p in parts):
+        raise ValueError(
+            f"{folder!r} is not a concept folder the stimuli scan reads (it reads <category>/<concept>/<image>, "
+            "no hidden folders); move the images or fix the path"
+        )
+    path = base.joinpath(*parts)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{folder!r} not found under {base}; create it or fix the path")
+    if path.resolve() != path:
+        raise ValueError(
+            f"{folder!r} under {base} is a symlink or lies below one (it leads to {path.resolve()}); the stimuli "
+            "scan does not follow folder symlinks, so its images would be missing from the manifest: replace "
+            "the link by a real folder holding the images"
+        )
+    found: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    _, dirnames, filenames = next(os.walk(path), (None, [], []))  # an unlistable folder counts as empty
+    _scan_folder(base, path, dirnames, filenames, found, skipped)
+    _warn_skipped(base, sorted(skipped))
     return sorted(found)
 
 
 def _read(file: Path) -> bytes:
-    """The file's bytes; an OS error (e.g. permissions) is a ValueError like a corrupt image."""
+    """The bytes of a regular file of at most :data:`MAX_IMAGE_BYTES`; anything else is a ValueError.
+
+    A non-regular file (FIFO, device) is refused from its metadata without being opened; the descriptor is
+    opened non-blocking and checked again, in case the file was swapped in between. An OS error (e.g.
+    permissions) is a ValueError like a corrupt image; a file over the limit is :class:`ImageTooLarge`.
+    """
     try:
-        return file.read_bytes()
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            raise ValueError(f"{file}: not a regular file (FIFO, socket or device); remove it")
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"{file}: not a regular file (FIFO, socket or device); remove it")
+            size = info.st_size
+            if size <= MAX_IMAGE_BYTES:
+                data = handle.read(MAX_IMAGE_BYTES + 1)  # +1: a file growing past the limit is caught too
+                size = len(data)
     except OSError as exc:
-        raise ValueError(f"{file}: cannot be read ({exc}); fix the file or set skip_bad") from exc
+        raise ValueError(f"{file}: cannot be read ({exc})") from exc
+    if size > MAX_IMAGE_BYTES:
+        raise ImageTooLarge(f"{file}: {size} bytes, over the limit MAX_IMAGE_BYTES = {MAX_IMAGE_BYTES}")
+    return data
 
 
-def _decode(data: bytes, label: str) -> tuple[str, int, int]:
-    """Fully decode image bytes; return (format, width, height) or raise ValueError naming ``label``."""
+def _open_image(data: bytes, label: str) -> Image.Image:
+    """Open image bytes (header only) in one of the study's formats; refuse over :data:`MAX_IMAGE_PIXELS`."""
     try:
-        with Image.open(io.BytesIO(data), formats=tuple(FORMAT_EXTENSIONS)) as img:
+        img = Image.open(io.BytesIO(data), formats=tuple(FORMAT_EXTENSIONS))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{label}: over the limit MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS} ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{label}: not a readable JPEG/PNG/WebP image ({exc})") from exc
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise ImageTooLarge(
+            f"{label}: {img.width}x{img.height} = {img.width * img.height} pixels, over the limit "
+            f"MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}"
+        )
+    return img
+
+
+def _decode(data: bytes, label: str) -> tuple[str, int, int, bool]:
+    """Fully decode image bytes; return (format, width, height, animated) or raise ValueError naming ``label``.
+
+    ``animated``: more than one frame (only the first is decoded). A multi-picture JPEG's format is ``JPEG``.
+    """
+    with _open_image(data, label) as img:
+        try:
             img.load()  # decodes every pixel, so truncated or corrupt data fails here, not at embedding time
-            return str(img.format), int(img.width), int(img.height)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(
-            f"{label}: not a readable JPEG/PNG/WebP image ({exc}); remove or replace the file, "
-            "or set skip_bad to skip unreadable images"
-        ) from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"{label}: not a readable JPEG/PNG/WebP image ({exc})") from exc
+        fmt = "JPEG" if img.format == "MPO" else str(img.format)
+        return fmt, int(img.width), int(img.height), getattr(img, "n_frames", 1) > 1
 
 
 def build_manifest(root: str | os.PathLike[str], skip_bad: bool = False) -> pd.DataFrame:
     """Scan ``root`` and return the manifest (columns :data:`MANIFEST_COLUMNS`, one row per file, by path).
 
-    Every image is fully decoded. An unreadable file raises ValueError naming it, unless ``skip_bad``, in which
-    case its row has status ``unreadable`` and it is excluded from :func:`concept_images` and
-    :func:`distinct_images`.
+    The files are those of :func:`discover`; every image is fully decoded. An unreadable file (corrupt, not a
+    JPEG/PNG/WebP, over :data:`MAX_IMAGE_BYTES` or :data:`MAX_IMAGE_PIXELS`) raises ValueError naming it,
+    unless ``skip_bad``, in which case its row has status ``unreadable`` (``unreadable;too_large`` for the
+    size limits) and it is excluded from :func:`concept_images` and :func:`distinct_images`.
     """
     base = Path(root)
     rows = []
@@ -115,11 +290,13 @@ def build_manifest(root: str | os.PathLike[str], skip_bad: bool = False) -> pd.D
         concept = PurePosixPath(rel).parent.as_posix()
         try:
             data = _read(file)
-            fmt, width, height = _decode(data, str(file))
-        except ValueError:
+            fmt, width, height, animated = _decode(data, str(file))
+        except ValueError as exc:
             if not skip_bad:
-                raise
-            rows.append((rel, concept, "", "", 0, 0, "unreadable"))
+                hint = "remove or replace the file, or set skip_bad to skip unreadable images"
+                raise type(exc)(f"{exc}; {hint}") from exc
+            status = "unreadable;too_large" if isinstance(exc, ImageTooLarge) else "unreadable"
+            rows.append((rel, concept, "", "", 0, 0, status))
             continue
         digest = hashlib.sha256(data).hexdigest()
         flags = []
@@ -129,8 +306,77 @@ def build_manifest(root: str | os.PathLike[str], skip_bad: bool = False) -> pd.D
             first_path[digest] = rel
         if PurePosixPath(rel).suffix.lower() not in FORMAT_EXTENSIONS[fmt]:
             flags.append("extension_mismatch")
+        if animated:
+            flags.append("animated")
         rows.append((rel, concept, digest, fmt, width, height, ";".join(flags) or "ok"))
     return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).astype({"width": "int64", "height": "int64"})
+
+
+_SCAN_CACHE_FORMAT = "sbssl-scan-cache-1"
+
+
+def _load_scan_cache(path: Path) -> dict[str, list]:
+    """The cache's entries, or {} when it is absent or not a cache of this format (it is rebuilt then)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if isinstance(data, dict) and data.get("format") == _SCAN_CACHE_FORMAT and isinstance(data.get("files"), dict):
+        return data["files"]
+    return {}
+
+
+def scan_fingerprint(
+    root: str | os.PathLike[str], cache_path: str | os.PathLike[str] | None = None
+) -> str:
+    """Hex sha256 of what the scan reads under ``root``: it changes exactly when image *content* changes.
+
+    The digest is the sha256 of the sorted lines ``"<path>\\t<sha256 of its bytes>\\n"`` over the files of
+    :func:`discover` (same rules: regular files inside the root). Adding, removing, renaming or editing a file
+    changes it; touching one (new mtime, same bytes) does not. A file over :data:`MAX_IMAGE_BYTES` counts as
+    ``too_large`` and one that cannot be read as ``unreadable`` instead of a hash: the manifest records them
+    so whatever their bytes.
+
+    ``cache_path`` (JSON, written atomically, only when an entry changed) keeps, per path, the file's stat
+    signature ``[size, mtime_ns, ctime_ns, inode]`` and its sha256; a file whose signature is unchanged is not
+    read again. ctime and inode are in the signature besides size and mtime because a copy that keeps
+    timestamps (``cp -p``, ``rsync -t``, tar) can give a file another content with the old size and mtime,
+    never with the old ctime. A cache that is missing, unreadable or of another format is rebuilt.
+
+    Cost: a walk of the tree and one ``stat`` per file, plus reading and hashing every new or changed file
+    (all of them without a cache or on the first call); the cache holds about 200 bytes per file.
+    """
+    base = Path(root)
+    cache = Path(cache_path) if cache_path is not None else None
+    old = _load_scan_cache(cache) if cache is not None else {}
+    new: dict[str, list] = {}
+    lines = []
+    for rel in discover(base):
+        file = base / rel
+        try:
+            info = os.stat(file)
+        except OSError:
+            lines.append(f"{rel}\tunreadable\n")
+            continue
+        signature = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+        cached = old.get(rel)
+        if info.st_size > MAX_IMAGE_BYTES:
+            value = "too_large"
+        elif isinstance(cached, list) and len(cached) == 5 and cached[:4] == signature and isinstance(cached[4], str):
+            new[rel] = cached
+            value = cached[4]
+        else:
+            try:
+                value = hashlib.sha256(_read(file)).hexdigest()
+                new[rel] = [*signature, value]
+            except ImageTooLarge:
+                value = "too_large"
+            except ValueError:
+                value = "unreadable"
+        lines.append(f"{rel}\t{value}\n")
+    if cache is not None and new != old:
+        write_json_atomic(cache, {"format": _SCAN_CACHE_FORMAT, "files": new})
+    return hashlib.sha256("".join(sorted(lines)).encode("utf-8")).hexdigest()
 
 
 def _check_columns(df: pd.DataFrame, label: str) -> None:
@@ -200,15 +446,20 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     ``convert("RGB")``; both apply the same conventions, kept here so embeddings match the published setup:
     EXIF orientation is applied, palettes are expanded, greyscale is replicated to three channels, CMYK is
     converted, 16-bit/32-bit greyscale is scaled to 8 bits, and an alpha channel is dropped (the stored
-    colour under transparent pixels is kept, not composited onto a background).
+    colour under transparent pixels is kept, not composited onto a background). An animated image gives its
+    first frame.
+
+    The scan's limits apply: only a regular file of at most :data:`MAX_IMAGE_BYTES` is read and only an
+    image of at most :data:`MAX_IMAGE_PIXELS` is decoded (:class:`ImageTooLarge`, a ValueError, otherwise).
+    Raises ValueError naming the file for anything unreadable.
     """
     file = Path(path)
-    try:
-        with Image.open(file, formats=tuple(FORMAT_EXTENSIONS)) as img:
+    with _open_image(_read(file), str(file)) as img:
+        try:
             img.load()
             img = ImageOps.exif_transpose(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{file}: not a readable JPEG/PNG/WebP image ({exc})") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"{file}: not a readable JPEG/PNG/WebP image ({exc})") from exc
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # convert("RGB") would clip 16-bit values at 255; scale the integer range to 8 bits instead.
         scale = 1 / 256 if img.mode.startswith("I;16") else 1 / 16777216

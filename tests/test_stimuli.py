@@ -1,22 +1,31 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
+from sbssl import stimuli as stim
 from sbssl.stimuli import (
     MANIFEST_COLUMNS,
+    MAX_IMAGE_PIXELS,
+    ImageTooLarge,
+    StimuliScanWarning,
     build_manifest,
     concept_images,
     discover,
     distinct_images,
     load_image,
     read_manifest,
+    scan_fingerprint,
     write_manifest,
 )
 
@@ -268,8 +277,227 @@ def test_manifest_command(small_tree: Path, tmp_path: Path, capsys: pytest.Captu
     assert _row(read_manifest(out), "cat/a/bad.jpg")["status"] == "unreadable"
 
 
-def test_file_that_cannot_be_opened(small_tree: Path) -> None:
-    (small_tree / "cat" / "a" / "dangling.jpg").symlink_to(small_tree / "gone.jpg")
-    with pytest.raises(ValueError, match=r"dangling\.jpg: cannot be read"):
+def test_file_that_cannot_be_opened(small_tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An OS error while reading (e.g. permissions; the tests may run as root, so it is simulated) is unreadable.
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith("two.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(stim.os, "open", refuse)
+    with pytest.raises(ValueError, match=r"two\.png: cannot be read .*Permission denied.*skip_bad"):
         build_manifest(small_tree)
-    assert _row(build_manifest(small_tree, skip_bad=True), "cat/a/dangling.jpg")["status"] == "unreadable"
+    assert _row(build_manifest(small_tree, skip_bad=True), "cat/a/two.png")["status"] == "unreadable"
+
+
+# --- what the scan reads: regular files inside the root ----------------------------------------------------
+
+
+@pytest.mark.timeout(30)  # reading the FIFO or /dev/zero would block or never end
+def test_scan_skips_links_out_of_the_root_and_special_files(small_tree: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    _save(outside / "secret.jpg", Image.new("RGB", (3, 3), (5, 5, 5)), "JPEG")
+    a, b = small_tree / "cat" / "a", small_tree / "cat" / "b"
+    (a / "out.jpg").symlink_to(outside / "secret.jpg")  # file link leaving the root
+    (a / "zero.jpg").symlink_to("/dev/zero")  # device
+    os.mkfifo(a / "pipe.jpg")
+    (b / "to_pipe.jpg").symlink_to("../a/pipe.jpg")  # inside the root, but not a regular file
+    (a / "dangling.jpg").symlink_to(small_tree / "gone.jpg")
+    (b / "link.jpg").symlink_to("../a/one.jpg")  # inside the root, regular: followed
+    (small_tree / "cat" / "ext").symlink_to(outside, target_is_directory=True)  # folder link leaving the root
+    (small_tree / "cat" / "again").symlink_to(a, target_is_directory=True)  # folder link inside: not followed
+    expected = ["cat/a/one.jpg", "cat/a/two.png", "cat/b/link.jpg", "cat/b/one_copy.jpeg", "cat/b/three.webp"]
+    with pytest.warns(StimuliScanWarning, match=r"7 entries skipped \(cat/a/dangling\.jpg: dangling symlink;") as w:
+        assert discover(small_tree) == expected
+    message = str(w[0].message)
+    assert f"cat/a/out.jpg: symlink to {outside.resolve() / 'secret.jpg'}, outside the root" in message
+    assert "cat/a/pipe.jpg: not a regular file" in message and "and 2 more" in message
+    with pytest.warns(StimuliScanWarning):
+        m = build_manifest(small_tree, skip_bad=True)
+    assert m["path"].tolist() == expected  # nothing recorded for the skipped entries
+    link = _row(m, "cat/b/link.jpg")
+    assert (link["sha256"], link["status"]) == (_sha(a / "one.jpg"), "duplicate")
+    # the reader itself never opens a FIFO or a device, whoever names it
+    for special in (a / "pipe.jpg", a / "zero.jpg"):
+        with pytest.raises(ValueError, match=rf"{special.name}: not a regular file"):
+            load_image(special)
+
+
+def test_root_given_through_a_symlink(small_tree: Path, tmp_path: Path) -> None:
+    alias = tmp_path / "alias"
+    alias.symlink_to(small_tree, target_is_directory=True)
+    assert discover(alias) == discover(small_tree)
+    pd.testing.assert_frame_equal(build_manifest(alias), build_manifest(small_tree))
+
+
+def test_file_over_the_byte_limit(small_tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = small_tree / "cat" / "b" / "big.png"
+    big.write_bytes((small_tree / "cat/a/two.png").read_bytes() + b"\0" * 4096)  # trailing bytes: still a PNG
+    size = big.stat().st_size
+    monkeypatch.setattr(stim, "MAX_IMAGE_BYTES", size - 1)
+    assert max((small_tree / p).stat().st_size for p in discover(small_tree) if p != "cat/b/big.png") < size - 1
+    with pytest.raises(ImageTooLarge, match=rf"big\.png: {size} bytes, over the limit MAX_IMAGE_BYTES = {size - 1}"):
+        build_manifest(small_tree)
+    assert _row(build_manifest(small_tree, skip_bad=True), "cat/b/big.png")["status"] == "unreadable;too_large"
+    with pytest.raises(ImageTooLarge, match="MAX_IMAGE_BYTES"):
+        load_image(big)
+    monkeypatch.setattr(stim, "MAX_IMAGE_BYTES", size)
+    assert _row(build_manifest(small_tree), "cat/b/big.png")["status"] == "ok"
+
+
+def _bilevel_png(path: Path, width: int, height: int) -> Path:
+    """A real, valid 1-bit PNG of blank rows, written without holding the pixels in memory (a few KB)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns from 89 Mpx
+def test_image_over_the_pixel_limit_is_refused_from_its_header(
+    small_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = _bilevel_png(small_tree / "cat" / "b" / "huge.png", 12000, 12000)
+    assert big.stat().st_size < 100_000
+    # refused before any pixel is decoded: decoding would fail with another message
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):  # the small images of the tree decode as usual
+        return pytest.fail("pixels of the huge image decoded") if self.width == 12000 else real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    limit = rf"12000x12000 = 144000000 pixels, over the limit MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}"
+    with pytest.raises(ImageTooLarge, match=rf"huge\.png: {limit}; remove or replace the file, or set skip_bad"):
+        build_manifest(small_tree)
+    with pytest.raises(ImageTooLarge, match=rf"huge\.png: {limit}"):
+        load_image(big)
+    monkeypatch.undo()
+    row = _row(build_manifest(small_tree, skip_bad=True), "cat/b/huge.png")
+    assert (row["status"], row["sha256"], row["width"]) == ("unreadable;too_large", "", 0)
+    assert MAX_IMAGE_PIXELS == 50_000_000
+
+
+def test_pixel_limit_boundary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stim, "MAX_IMAGE_PIXELS", 20)
+    at_limit = _save(tmp_path / "c" / "d" / "at.png", Image.new("RGB", (4, 5)), "PNG")
+    over = _save(tmp_path / "c" / "d" / "over.png", Image.new("RGB", (3, 7)), "PNG")
+    assert load_image(at_limit).size == (4, 5)
+    with pytest.raises(ImageTooLarge, match="3x7 = 21 pixels, over the limit MAX_IMAGE_PIXELS = 20"):
+        load_image(over)
+    m = build_manifest(tmp_path, skip_bad=True)
+    assert m["status"].tolist() == ["ok", "unreadable;too_large"]
+
+
+def test_animated_images_are_flagged_and_give_their_first_frame(tmp_path: Path) -> None:
+    first, second = Image.new("RGB", (4, 3), (200, 10, 10)), Image.new("RGB", (4, 3), (10, 10, 200))
+    files = {
+        "anim.png": ("PNG", "PNG"),  # APNG
+        "anim.webp": ("WEBP", "WEBP"),
+        "multi.jpg": ("MPO", "JPEG"),  # multi-picture JPEG (stereo/depth cameras): a JPEG by content
+    }
+    for name, (writer, _) in files.items():
+        _save(tmp_path / "c" / "d" / name, first, writer, save_all=True, append_images=[second], quality=95)
+    _save(tmp_path / "c" / "d" / "still.png", first, "PNG")
+    m = build_manifest(tmp_path)
+    assert m["path"].tolist() == ["c/d/anim.png", "c/d/anim.webp", "c/d/multi.jpg", "c/d/still.png"]
+    assert m["format"].tolist() == ["PNG", "WEBP", "JPEG", "PNG"]
+    assert m["status"].tolist() == ["animated", "animated", "animated", "ok"]
+    assert (m["width"].tolist(), m["height"].tolist()) == ([4] * 4, [3] * 4)
+    for name in files:
+        pixel = np.asarray(load_image(tmp_path / "c" / "d" / name))[1, 1].astype(int)
+        assert np.abs(pixel - [200, 10, 10]).max() <= 8, name  # the first frame (lossy formats: nearly)
+
+
+# --- scan_fingerprint ------------------------------------------------------------------------------------------
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    reads: list[str] = []
+    real_read = stim._read
+
+    def counting(file: Path) -> bytes:
+        reads.append(Path(file).name)
+        return real_read(file)
+
+    monkeypatch.setattr(stim, "_read", counting)
+    return reads
+
+
+def test_scan_fingerprint_is_the_digest_of_paths_and_contents(small_tree: Path) -> None:
+    lines = sorted(f"{rel}\t{_sha(small_tree / rel)}\n" for rel in discover(small_tree))
+    expected = hashlib.sha256("".join(lines).encode()).hexdigest()
+    assert scan_fingerprint(small_tree) == expected
+    assert scan_fingerprint(small_tree, small_tree.parent / "cache.json") == expected
+
+
+def test_scan_fingerprint_follows_content_not_timestamps(
+    small_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "state" / "scan.json"
+    reads = _count_reads(monkeypatch)
+    start = scan_fingerprint(small_tree, cache)
+    assert sorted(reads) == ["one.jpg", "one_copy.jpeg", "three.webp", "two.png"]
+    entries = json.loads(cache.read_text())["files"]
+    assert entries["cat/a/two.png"][4] == _sha(small_tree / "cat/a/two.png")
+    cache_id = (cache.stat().st_ino, cache.stat().st_mtime_ns)
+
+    reads.clear()
+    assert scan_fingerprint(small_tree, cache) == start
+    assert reads == []  # nothing re-read
+    assert (cache.stat().st_ino, cache.stat().st_mtime_ns) == cache_id  # nor rewritten
+
+    two = small_tree / "cat" / "a" / "two.png"
+    os.utime(two, ns=(two.stat().st_atime_ns, two.stat().st_mtime_ns + 10**9))  # touch
+    assert scan_fingerprint(small_tree, cache) == start
+    assert reads == ["two.png"]  # re-hashed once, same bytes
+
+    fingerprints = {start}
+
+    def changed() -> str:
+        value = scan_fingerprint(small_tree, cache)
+        assert value not in fingerprints and value == scan_fingerprint(small_tree)  # cache agrees with none
+        fingerprints.add(value)
+        return value
+
+    # edit keeping size and mtime (as cp -p / rsync -t can): caught by the ctime in the signature
+    data, mtime = two.read_bytes(), two.stat().st_mtime_ns
+    two.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    os.utime(two, ns=(mtime, mtime))
+    changed()
+    _save(small_tree / "cat" / "b" / "new.png", Image.new("RGB", (2, 2)), "PNG")  # add
+    changed()
+    (small_tree / "cat" / "b" / "new.png").rename(small_tree / "cat" / "b" / "renamed.png")  # rename
+    changed()
+    (small_tree / "cat" / "b" / "three.webp").unlink()  # remove
+    changed()
+    assert sorted(json.loads(cache.read_text())["files"]) == discover(small_tree)  # removed entries dropped
+    (small_tree / "cat" / "b" / "out.png").symlink_to(tmp_path / "elsewhere.png")  # not scanned: no change
+    with pytest.warns(StimuliScanWarning):
+        assert scan_fingerprint(small_tree, cache) in fingerprints
+
+
+def test_scan_fingerprint_rebuilds_a_bad_cache_and_marks_oversized_files(
+    small_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = scan_fingerprint(small_tree)
+    cache = tmp_path / "scan.json"
+    for junk in ("not json", '{"format": "other", "files": {}}', '{"format": "sbssl-scan-cache-1", "files": []}'):
+        cache.write_text(junk)
+        assert scan_fingerprint(small_tree, cache) == expected
+        assert len(json.loads(cache.read_text())["files"]) == 4
+    # an oversized file is "too_large" whatever its bytes (its manifest row does not depend on them)
+    monkeypatch.setattr(stim, "MAX_IMAGE_BYTES", (small_tree / "cat/b/three.webp").stat().st_size - 1)
+    big = scan_fingerprint(small_tree, cache)
+    assert big != expected
+    three = small_tree / "cat" / "b" / "three.webp"
+    three.write_bytes(three.read_bytes()[::-1])
+    assert scan_fingerprint(small_tree, cache) == big
