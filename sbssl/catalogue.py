@@ -12,22 +12,32 @@ File format::
         b: valence/unpleasant
 
 X and Y are stated explicitly: several published tests order them against their title.
+
+X and Y must differ, and so must A and B (the test would be degenerate). A target folder that
+equals an attribute folder is allowed but warned about (:class:`CatalogueWarning`): the test would compare a
+set with itself, which reads as a maximal bias at the smallest p-value. Repeated keys are refused.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
+from sbssl.io import read_yaml
 
 GROUPS = ("core", "president", "intersectional")
 FIELDS = ("id", "title", "group", "x", "y", "a", "b")
 SET_FIELDS = ("x", "y", "a", "b")
 _SLUG = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
+
+
+class CatalogueWarning(UserWarning):
+    """A catalogue entry that loads but is probably a mistake (a target folder that is also an attribute)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,11 @@ class AssociationTestSpec:
     def folders(self) -> dict[str, str]:
         """{"X": x, "Y": y, "A": a, "B": b}."""
         return {name.upper(): getattr(self, name) for name in SET_FIELDS}
+
+
+def overlapping_roles(spec: AssociationTestSpec) -> list[tuple[str, str]]:
+    """Pairs of roles (from X, Y, A, B, in that order) that name the same folder, e.g. ``[("X", "A")]``."""
+    return [(r1, r2) for (r1, f1), (r2, f2) in itertools.combinations(spec.folders().items(), 2) if f1 == f2]
 
 
 def _check_folder(where: str, key: str, value: str) -> None:
@@ -75,16 +90,26 @@ def _parse_entry(where: str, entry: Any) -> AssociationTestSpec:
         _check_folder(where, key, entry[key])
     if entry["x"] == entry["y"]:
         raise ValueError(f"{where}: x and y are the same folder {entry['x']!r}")
+    if entry["a"] == entry["b"]:
+        raise ValueError(f"{where}: a and b are the same folder {entry['a']!r}")
     return AssociationTestSpec(**{key: entry[key] for key in FIELDS})
 
 
 def _check_stimuli(spec: AssociationTestSpec, root: Path) -> None:
+    """Each folder must hold files the stimuli scan reads (:func:`sbssl.stimuli.concept_folder_files`)."""
+    from sbssl.stimuli import concept_folder_files  # here: stimuli imports pandas and Pillow
+
     for name, folder in spec.folders().items():
-        path = root / folder
-        if not path.is_dir():
-            raise FileNotFoundError(f"test {spec.id!r}: {name} folder {folder!r} not found under {root}")
-        if not any(p.is_file() and not p.name.startswith(".") for p in path.iterdir()):
-            raise ValueError(f"test {spec.id!r}: {name} folder {folder!r} under {root} holds no files")
+        try:
+            files = concept_folder_files(root, folder)
+        except (FileNotFoundError, ValueError) as exc:
+            raise type(exc)(f"test {spec.id!r}: {name} folder {exc}") from None
+        if not files:
+            raise ValueError(
+                f"test {spec.id!r}: {name} folder {folder!r} under {root} holds no image files (the scan reads "
+                "regular, non-hidden files; symlinks leading out of the root are not followed): put the images "
+                "in it or fix the path in the catalogue"
+            )
 
 
 def load_catalogue(
@@ -93,16 +118,14 @@ def load_catalogue(
     """Read and validate a catalogue file; tests in file order.
 
     Raises FileNotFoundError for a missing file (or, with ``stimuli_root``, a missing folder) and
-    ValueError for bad YAML, unknown or missing keys, a bad group or id, duplicate ids or titles, and
-    (with ``stimuli_root``) empty folders. Every message names the file and the test.
+    ValueError for bad YAML or a repeated key, unknown or missing keys, a bad group or id, duplicate ids or
+    titles, X == Y or A == B, and (with ``stimuli_root``) folders the stimuli scan would not read: empty (no
+    regular image file), a symlink or below one, fewer than two levels deep (see :mod:`sbssl.stimuli`).
+    Every message names the file and the test. A test whose target folder is also an attribute folder
+    loads with a :class:`CatalogueWarning` (see :func:`overlapping_roles`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"catalogue {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"catalogue {path}: not valid YAML ({exc})") from None
+    data = read_yaml(path, "catalogue")
     if not isinstance(data, dict) or set(data) != {"tests"}:
         keys = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"catalogue {path}: expected exactly one top-level key 'tests', got {keys}")
@@ -123,6 +146,15 @@ def load_catalogue(
         seen_ids.add(spec.id)
         seen_titles.add(spec.title)
         specs.append(spec)
+        overlaps = [(r1, r2) for r1, r2 in overlapping_roles(spec) if r1 in "XY" and r2 in "AB"]
+        if overlaps:
+            pairs = ", ".join(f"{r1} = {r2} = {spec.folders()[r1]!r}" for r1, r2 in overlaps)
+            warnings.warn(
+                f"{where}: target and attribute folders overlap ({pairs}); the test would compare a set with "
+                "itself and report a bias at the smallest possible p-value: use distinct folders",
+                CatalogueWarning,
+                stacklevel=2,
+            )
     if stimuli_root is not None:
         root = Path(stimuli_root)
         if not root.is_dir():

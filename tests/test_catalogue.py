@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sbssl.catalogue import AssociationTestSpec, load_catalogue
+from sbssl.catalogue import AssociationTestSpec, CatalogueWarning, load_catalogue, overlapping_roles
+from sbssl.stimuli import StimuliScanWarning
 
 # Tests whose title names the target sets in the other order than the published X and Y.
 REVERSED = {
@@ -108,6 +111,7 @@ def _write(tmp_path: Path, tests, top=None) -> Path:
         ([{**GOOD, "a": "/abs/a"}], "a must be a plain relative posix folder"),
         ([{**GOOD, "b": "c/../b"}], "b must be a plain relative posix folder"),
         ([{**GOOD, "y": "c/x"}], "x and y are the same folder"),
+        ([{**GOOD, "b": "c/a"}], "a and b are the same folder 'c/a'"),
         ([GOOD, {**GOOD, "title": "Other"}], r"test #2 \('t_one'\): duplicate id 't_one'"),
         ([GOOD, {**GOOD, "id": "t_two"}], r"test #2 \('t_two'\): duplicate title 'T One'"),
         (["t_one"], "test #1: expected a mapping"),
@@ -135,20 +139,87 @@ def test_load_catalogue_rejects_bad_files(tmp_path):
         load_catalogue(bad)
 
 
-def test_load_catalogue_checks_stimulus_folders(tmp_path):
-    path = _write(tmp_path, [GOOD])
-    root = tmp_path / "stimuli"
-    for folder in ("c/x", "c/y", "c/a", "c/b"):
+def _stimuli(root: Path, folders=("c/x", "c/y", "c/a", "c/b")) -> Path:
+    for folder in folders:
         (root / folder).mkdir(parents=True)
         (root / folder / "img.jpg").write_bytes(b"\xff\xd8")
+    return root
+
+
+def test_load_catalogue_checks_stimulus_folders(tmp_path):
+    path = _write(tmp_path, [GOOD])
+    root = _stimuli(tmp_path / "stimuli")
     assert load_catalogue(path, stimuli_root=root)[0].id == "t_one"
     (root / "c/b/img.jpg").unlink()
     (root / "c/b/.hidden").write_text("")
-    with pytest.raises(ValueError, match=r"test 't_one': B folder 'c/b' under .* holds no files"):
+    with pytest.raises(ValueError, match=r"test 't_one': B folder 'c/b' under .* holds no image files.*put the images"):
         load_catalogue(path, stimuli_root=root)
     (root / "c/b/.hidden").unlink()
     (root / "c/b").rmdir()
-    with pytest.raises(FileNotFoundError, match=r"test 't_one': B folder 'c/b' not found"):
+    with pytest.raises(FileNotFoundError, match=r"test 't_one': B folder 'c/b' not found under .*fix the path"):
         load_catalogue(path, stimuli_root=root)
     with pytest.raises(FileNotFoundError, match="stimuli root"):
         load_catalogue(path, stimuli_root=tmp_path / "nowhere")
+
+
+def test_stimulus_folders_follow_the_scan_rules(tmp_path):
+    """A folder passes only if build_manifest would list images in it (symlinks are not followed)."""
+    path = _write(tmp_path, [GOOD])
+    root = _stimuli(tmp_path / "stimuli")
+    elsewhere = _stimuli(tmp_path / "elsewhere", folders=("c/a",))
+    # a concept folder that is a symlink, out of the root or inside it
+    shutil.rmtree(root / "c/a")
+    for target in (elsewhere / "c/a", root / "c/x"):
+        (root / "c/a").symlink_to(target, target_is_directory=True)
+        with pytest.raises(ValueError, match=r"test 't_one': A folder 'c/a' under .* is a symlink.*replace the link"):
+            load_catalogue(path, stimuli_root=root)
+        (root / "c/a").unlink()
+    # a real folder whose only file links out of the root, or is a FIFO
+    (root / "c/a").mkdir()
+    (root / "c/a/img.jpg").symlink_to(elsewhere / "c/a/img.jpg")
+    os.mkfifo(root / "c/a/pipe.jpg")
+    with pytest.warns(StimuliScanWarning, match="outside the root"):
+        with pytest.raises(ValueError, match=r"test 't_one': A folder 'c/a' under .* holds no image files"):
+            load_catalogue(path, stimuli_root=root)
+    # a category folder that is a symlink: every concept below it is refused
+    category = _stimuli(tmp_path / "category", folders=("d/x",))
+    (root / "d").symlink_to(category / "d", target_is_directory=True)
+    spec = {**GOOD, "a": "valence/a"}
+    with pytest.raises(ValueError, match=r"X folder 'd/x' under .* is a symlink or lies below one"):
+        load_catalogue(_write(tmp_path, [{**spec, "x": "d/x"}]), stimuli_root=root)
+    # files directly in a category folder are not stimuli
+    (root / "c/img.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(ValueError, match=r"Y folder 'c' is not a concept folder the stimuli scan reads"):
+        load_catalogue(_write(tmp_path, [{**GOOD, "y": "c"}]), stimuli_root=root)
+
+
+def test_overlapping_target_and_attribute_folders_warn(tmp_path):
+    spec = AssociationTestSpec("t", "T", "core", "c/x", "c/y", "c/x", "c/b")
+    assert overlapping_roles(spec) == [("X", "A")]
+    assert overlapping_roles(AssociationTestSpec("t", "T", "core", "p", "q", "q", "p")) == [("X", "B"), ("Y", "A")]
+    assert overlapping_roles(AssociationTestSpec("t", "T", "core", "p", "p", "p", "r")) == [
+        ("X", "Y"), ("X", "A"), ("Y", "A")
+    ]  # fmt: skip
+    path = _write(tmp_path, [GOOD, {**GOOD, "id": "t_two", "title": "T Two", "a": "c/x", "b": "c/y"}])
+    with pytest.warns(CatalogueWarning) as record:
+        specs = load_catalogue(path, stimuli_root=_stimuli(tmp_path / "stimuli"))
+    assert [s.id for s in specs] == ["t_one", "t_two"]  # still loaded
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert str(path) in message and "test #2 ('t_two')" in message
+    assert "X = A = 'c/x', Y = B = 'c/y'" in message
+
+
+def test_real_catalogue_has_no_overlaps(catalogue):
+    assert [t.id for t in catalogue if overlapping_roles(t)] == []
+
+
+def test_repeated_yaml_key_is_refused(tmp_path):
+    path = tmp_path / "tests.yaml"
+    path.write_text(
+        "tests:\n  - id: t_one\n    title: T One\n    group: core\n    x: c/x\n    y: c/y\n"
+        "    a: c/a\n    b: c/b\n    x: c/z\n"
+    )
+    with pytest.raises(ValueError, match=rf"(?s)catalogue {re.escape(str(path))}: .*found key 'x' a second time "
+                       r"\(first at line 5\).*line 9"):
+        load_catalogue(path)
