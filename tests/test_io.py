@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import stat
 
 import pytest
 
-from sbssl.io import atomic_path, job_log, write_json_atomic
+from sbssl.io import atomic_path, job_log, read_yaml, write_json_atomic
 
 
 def test_atomic_path_renames_on_success_with_normal_permissions(tmp_path):
@@ -49,3 +50,28 @@ def test_job_log_captures_prints_logging_and_the_traceback(tmp_path):
     assert "hello from the job" in text
     assert "a log record" in text
     assert "ValueError: bad input" in text and "Traceback" in text
+
+
+def test_read_yaml_parses_valid_yaml_safely(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 1\nb: [x, 2.5, null]\nnested:\n  a: yes\n  list:\n    - {k: v}\n")
+    assert read_yaml(path) == {"a": 1, "b": ["x", 2.5, None], "nested": {"a": True, "list": [{"k": "v"}]}}
+    path.write_text("!!python/object/apply:os.system [echo]\n")  # arbitrary objects are refused
+    with pytest.raises(ValueError, match="not valid YAML"):
+        read_yaml(path)
+
+
+def test_read_yaml_refuses_a_repeated_key_naming_file_and_lines(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("models:\n  a: 1\n  b: 2\n  a: 3\n")
+    with pytest.raises(ValueError) as info:
+        read_yaml(path, "model zoo")
+    message = str(info.value)
+    assert message.startswith(f"model zoo {path}: not valid YAML")
+    assert re.search(r"found key 'a' a second time \(first at line 2\)", message)
+    assert "line 4, column 3" in message  # where the repeat is
+    path.write_text("x: 1\nx: 1\n")  # even with the same value, at the top level
+    with pytest.raises(ValueError, match=r"(?s)found key 'x' a second time \(first at line 1\).*line 2"):
+        read_yaml(path)
+    with pytest.raises(FileNotFoundError, match=r"model zoo .*absent\.yaml not found"):
+        read_yaml(tmp_path / "absent.yaml", "model zoo")
