@@ -90,8 +90,6 @@ def _parse_entry(where: str, entry: Any) -> AssociationTestSpec:
         _check_folder(where, key, entry[key])
     if entry["x"] == entry["y"]:
         raise ValueError(f"{where}: x and y are the same folder {entry['x']!r}")
-    if entry["a"] == entry["b"]:
-        raise ValueError(f"{where}: a and b are the same folder {entry['a']!r}")
     return AssociationTestSpec(**{key: entry[key] for key in FIELDS})
 
 
@@ -152,6 +150,14 @@ def load_catalogue(
             warnings.warn(
                 f"{where}: target and attribute folders overlap ({pairs}); the test would compare a set with "
                 "itself and report a bias at the smallest possible p-value: use distinct folders",
+                CatalogueWarning,
+                stacklevel=2,
+            )
+        if spec.a == spec.b:
+            # kept loadable: the study goes on, and the tables flag the test as degenerate
+            warnings.warn(
+                f"{where}: a and b are the same folder {spec.a!r}; every s(w) is 0, so d is undefined and the "
+                "test is reported as degenerate and left out of the counts",
                 CatalogueWarning,
                 stacklevel=2,
             )

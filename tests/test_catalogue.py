@@ -111,7 +111,6 @@ def _write(tmp_path: Path, tests, top=None) -> Path:
         ([{**GOOD, "a": "/abs/a"}], "a must be a plain relative posix folder"),
         ([{**GOOD, "b": "c/../b"}], "b must be a plain relative posix folder"),
         ([{**GOOD, "y": "c/x"}], "x and y are the same folder"),
-        ([{**GOOD, "b": "c/a"}], "a and b are the same folder 'c/a'"),
         ([GOOD, {**GOOD, "title": "Other"}], r"test #2 \('t_one'\): duplicate id 't_one'"),
         ([GOOD, {**GOOD, "id": "t_two"}], r"test #2 \('t_two'\): duplicate title 'T One'"),
         (["t_one"], "test #1: expected a mapping"),
@@ -223,3 +222,11 @@ def test_repeated_yaml_key_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"(?s)catalogue {re.escape(str(path))}: .*found key 'x' a second time "
                        r"\(first at line 5\).*line 9"):
         load_catalogue(path)
+
+
+def test_same_attribute_folders_load_with_a_warning(tmp_path):
+    """A == B is degenerate (every s(w) = 0), not invalid: the study keeps it and flags it."""
+    path = _write(tmp_path, [{**GOOD, "b": GOOD["a"]}])
+    with pytest.warns(CatalogueWarning, match="a and b are the same folder .*degenerate"):
+        specs = load_catalogue(path)
+    assert specs[0].a == specs[0].b
