@@ -12,4 +12,7 @@ with job_log(snakemake.log[0]):
     )
     with atomic_path(snakemake.output[0]) as tmp:
         table.to_csv(tmp, index=False)
-    print(f"{int(table['significant'].sum())} significant, {int(table['survives'].sum())} survive")
+    print(
+        f"{int(table['significant'].sum())} significant, {int(table['survives'].sum())} survive, "
+        f"{int((table['note'] != '').sum())} not assessed (degenerate), of {len(table)} control rows"
+    )
