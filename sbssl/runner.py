@@ -3,46 +3,132 @@
 The permutation stage has about 10,500 jobs in the full study, so a job must be cheap: it reads the
 (model, layer) similarity matrix and the stimuli manifest through a small in-process cache (the
 workflow runs these jobs as threads of one Snakemake process) and never imports torch.
+
+A result (one JSON file per (model, layer, test, seed) job, keys :data:`RESULT_KEYS`, schema
+:data:`RESULT_SCHEMA`) holds exactly what its numbers depend on: the model, layer, seed, the test's id and
+image sets (:data:`TEST_DEFINITION_KEYS`), the test options and the code. Labels (the model's family, the
+test's title and group) are joined by :func:`tests_table`, so relabelling a model or a test reruns no job.
+
+Result keys (units: d and its CI dimensionless, statistic in cosine units):
+
+- model, layer, test (catalogue id), seed: which job.
+- statistic, d, p, exact, n_permutations, p_floor, alternative, n_x, n_y, n_a, n_b: as in
+  :class:`sbssl.stats.AssociationResult`; ``d`` is null when undefined (all scores equal up to rounding).
+- preprocessing, pooling: how the embeddings were made (attributes of the similarity file).
+- d_ci_low, d_ci_high: seeded percentile bootstrap CI of d (:func:`sbssl.stats.effect_size_ci_from_similarity`,
+  seeded with the job's seed) at ``ci_confidence`` over ``n_boot`` replicates; null when d is undefined or
+  no replicate has a defined d.
+- flags: ``;``-joined, in :data:`FLAGS` order, ``""`` when none: ``degenerate`` (d undefined; p is what
+  the permutation test gives), ``target_attribute_overlap`` (an image is both a target, in X or Y, and an
+  attribute, in A or B).
+- sbssl_version, code_digest: :func:`sbssl.provenance.provenance` of the test stage.
+
+Files are standard JSON (null, never NaN). :func:`tests_table` validates every file it reads
+(:func:`check_result`) and names the file and the remedy when one is truncated, foreign or inconsistent.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import jsonschema
 import numpy as np
 import pandas as pd
 
 from sbssl.io import write_json_atomic, write_text_atomic
+from sbssl.provenance import provenance
 from sbssl.similarity import SimilarityMatrix, read_similarity
-from sbssl.stats import association_test_from_similarity
+from sbssl.stats import ALTERNATIVES, association_test_from_similarity, effect_size_ci_from_similarity
 from sbssl.stimuli import concept_images, read_manifest
 
+#: Catalogue keys that define a test's numbers; title and group are labels joined at table time.
+TEST_DEFINITION_KEYS: tuple[str, ...] = ("id", "x", "y", "a", "b")
+#: Flags a result can carry, in the order they are joined.
+FLAGS: tuple[str, ...] = ("degenerate", "target_attribute_overlap")
 #: Keys of one association-test result (one JSON file per job), in order.
-RESULT_COLUMNS: tuple[str, ...] = (
-    "model", "layer", "test", "title", "group", "seed", "statistic", "d", "p", "exact",
+RESULT_KEYS: tuple[str, ...] = (
+    "model", "layer", "test", "seed", "statistic", "d", "p", "exact", "n_permutations", "p_floor",
+    "alternative", "preprocessing", "pooling", "n_x", "n_y", "n_a", "n_b", "d_ci_low", "d_ci_high",
+    "ci_confidence", "n_boot", "flags", "sbssl_version", "code_digest",
+)  # fmt: skip
+#: Columns of the per-test table (results/tables/tests.csv): the results' numbers with their labels.
+TESTS_TABLE_COLUMNS: tuple[str, ...] = (
+    "model", "family", "layer", "test", "title", "group", "seed", "d", "p", "statistic", "exact",
     "n_permutations", "p_floor", "alternative", "preprocessing", "pooling", "n_x", "n_y", "n_a", "n_b",
+    "d_ci_low", "d_ci_high", "flags", "sbssl_version", "code_digest",
+)  # fmt: skip
+#: Bootstrap defaults of a job's CI of d.
+DEFAULT_N_BOOT = 2_000
+DEFAULT_CONFIDENCE = 0.95
+
+_FLAGS_PATTERN = "^(?:{})?$".format(
+    "|".join(";".join(c) for k in range(len(FLAGS), 0, -1) for c in itertools.combinations(FLAGS, k))
 )
-#: Columns of the per-test table (results/tables/tests.csv): the results plus the model's family.
-TESTS_TABLE_COLUMNS: tuple[str, ...] = ("model", "family", *RESULT_COLUMNS[1:])
+_COUNT = {"type": "integer", "minimum": 1}
+_OPTIONAL_NUMBER = {"type": ["number", "null"]}
+#: JSON schema (draft 2020-12) of one result file; :func:`check_result` adds the cross-key rules.
+RESULT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "sbssl association-test result",
+    "type": "object",
+    "required": list(RESULT_KEYS),
+    "additionalProperties": False,
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "layer": {"type": "string", "minLength": 1},
+        "test": {"type": "string", "minLength": 1},
+        "seed": {"type": "integer", "minimum": 0},
+        "statistic": {"type": "number"},
+        "d": _OPTIONAL_NUMBER,
+        "p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "exact": {"type": "boolean"},
+        "n_permutations": _COUNT,
+        "p_floor": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "alternative": {"enum": list(ALTERNATIVES)},
+        "preprocessing": {"type": "string"},
+        "pooling": {"type": "string"},
+        "n_x": _COUNT,
+        "n_y": _COUNT,
+        "n_a": _COUNT,
+        "n_b": _COUNT,
+        "d_ci_low": _OPTIONAL_NUMBER,
+        "d_ci_high": _OPTIONAL_NUMBER,
+        "ci_confidence": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        "n_boot": _COUNT,
+        "flags": {"type": "string", "pattern": _FLAGS_PATTERN},
+        "sbssl_version": {"type": "string", "minLength": 1},
+        "code_digest": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+    },
+}
+_VALIDATOR = jsonschema.Draft202012Validator(RESULT_SCHEMA)
+# p and p_floor are ratios k / n_permutations computed in float64: far below any real difference.
+_P_TOLERANCE = 1e-9
+_RERUN = "delete it and rerun; snakemake reruns that job"
 
 
-def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
-    """Cache key that changes whenever the file is rewritten."""
-    stat = os.stat(path)
-    return (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+def _file_key(path: str | os.PathLike[str], what: str) -> tuple[str, int, int, int]:
+    """Cache key that changes whenever the file is rewritten (an atomic rewrite is a new inode)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} not found; run the step that makes it first") from None
+    return (str(Path(path).resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_similarity(key: tuple[str, int, int]) -> SimilarityMatrix:
+def _cached_similarity(key: tuple[str, int, int, int]) -> SimilarityMatrix:
+    # read_similarity names the file and the remedy when it is truncated or corrupt; errors are not cached.
     return read_similarity(key[0])
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_manifest(key: tuple[str, int, int]) -> pd.DataFrame:
+def _cached_manifest(key: tuple[str, int, int, int]) -> pd.DataFrame:
     return read_manifest(key[0])
 
 
@@ -59,7 +145,7 @@ def concept_indices(manifest: pd.DataFrame, similarity: SimilarityMatrix, concep
 
 @functools.lru_cache(maxsize=4096)
 def _cached_concept_indices(
-    manifest_key: tuple[str, int, int], similarity_key: tuple[str, int, int], concept: str, role: str
+    manifest_key: tuple[str, int, int, int], similarity_key: tuple[str, int, int, int], concept: str, role: str
 ) -> np.ndarray:
     # A concept is looked up by every test and seed that uses it: resolve it once per file pair.
     indices = concept_indices(_cached_manifest(manifest_key), _cached_similarity(similarity_key), concept, role=role)
@@ -67,99 +153,208 @@ def _cached_concept_indices(
     return indices
 
 
+def test_definition(test: Mapping[str, Any] | Any) -> dict[str, str]:
+    """What defines a test's numbers: ``{id, x, y, a, b}`` of a catalogue entry (a mapping, extra keys such as
+    title and group ignored, or an :class:`sbssl.catalogue.AssociationTestSpec`)."""
+    get = test.__getitem__ if isinstance(test, Mapping) else functools.partial(getattr, test)
+    try:
+        return {key: str(get(key)) for key in TEST_DEFINITION_KEYS}
+    except (KeyError, AttributeError) as exc:
+        raise ValueError(f"test definition lacks {exc}; expected keys {', '.join(TEST_DEFINITION_KEYS)}") from None
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
 def run_association_test(
     similarity_path: str | os.PathLike[str],
     manifest_path: str | os.PathLike[str],
-    test: Mapping[str, Any],
+    test: Mapping[str, Any] | Any,
     *,
     model: str,
     layer: str,
     seed: int,
     permutations: int,
     alternative: str = "greater",
+    n_boot: int = DEFAULT_N_BOOT,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict[str, Any]:
-    """Run one catalogue test on one (model, layer) similarity matrix; return the result as a dict.
+    """Run one catalogue test on one (model, layer) similarity matrix; return the result (keys
+    :data:`RESULT_KEYS`, valid against :data:`RESULT_SCHEMA`; see the module docstring).
 
-    ``test`` is a catalogue entry (keys id, title, group, x, y, a, b). The keys of the result are
-    :data:`RESULT_COLUMNS`; ``d`` is the effect size, ``p`` the permutation p-value. The model's family
-    is not part of it (it is a label of the zoo, added by :func:`tests_table`), so relabelling a model
-    reruns no test.
+    ``test``: only its :data:`TEST_DEFINITION_KEYS` are read (:func:`test_definition`). The bootstrap CI of d
+    uses ``seed``, ``n_boot`` replicates and ``confidence``.
     """
-    similarity_key, manifest_key = _file_key(similarity_path), _file_key(manifest_path)
+    definition = test_definition(test)
+    similarity_key = _file_key(similarity_path, "similarity file")
+    manifest_key = _file_key(manifest_path, "stimuli manifest")
     similarity = _cached_similarity(similarity_key)
     idx = {
-        role: _cached_concept_indices(manifest_key, similarity_key, test[role.lower()], role)
+        role: _cached_concept_indices(manifest_key, similarity_key, definition[role.lower()], role)
         for role in ("X", "Y", "A", "B")
     }
-    result = association_test_from_similarity(
-        similarity.matrix, idx["X"], idx["Y"], idx["A"], idx["B"],
-        permutations=permutations, seed=seed, alternative=alternative,
-    )
+    sets = (similarity.matrix, idx["X"], idx["Y"], idx["A"], idx["B"])
+    result = association_test_from_similarity(*sets, permutations=permutations, seed=seed, alternative=alternative)
+    # Also computed when d is undefined (rare), so that bad bootstrap options fail the same way every time.
+    ci = effect_size_ci_from_similarity(*sets, n_boot=n_boot, confidence=confidence, seed=seed)
+    degenerate = math.isnan(result.effect_size)
+    low, high = (None, None) if degenerate else (_finite_or_none(ci.low), _finite_or_none(ci.high))
+    overlap = bool(np.intersect1d(np.concatenate([idx["X"], idx["Y"]]), np.concatenate([idx["A"], idx["B"]])).size)
+    flags = [flag for flag, on in zip(FLAGS, (degenerate, overlap)) if on]
     return {
         "model": model,
         "layer": layer,
-        "test": test["id"],
-        "title": test["title"],
-        "group": test["group"],
-        "seed": seed,
+        "test": definition["id"],
+        "seed": int(seed),
         "statistic": result.statistic,
-        "d": result.effect_size,
+        "d": None if degenerate else result.effect_size,
         "p": result.p_value,
         "exact": result.exact,
         "n_permutations": result.n_permutations,
         "p_floor": result.p_floor,
         "alternative": result.alternative,
-        "preprocessing": similarity.attrs.get("preprocessing", ""),
-        "pooling": similarity.attrs.get("pooling", ""),
+        "preprocessing": str(similarity.attrs.get("preprocessing", "")),
+        "pooling": str(similarity.attrs.get("pooling", "")),
         "n_x": result.n_x,
         "n_y": result.n_y,
         "n_a": result.n_a,
         "n_b": result.n_b,
+        "d_ci_low": low,
+        "d_ci_high": high,
+        "ci_confidence": float(confidence),
+        "n_boot": int(n_boot),
+        "flags": ";".join(flags),
+        **provenance("test"),
     }
 
 
-def tests_table(result_paths: Iterable[str | os.PathLike[str]], families: Mapping[str, str]) -> pd.DataFrame:
-    """Concatenate per-job result JSON files into the per-test table (columns :data:`TESTS_TABLE_COLUMNS`).
+def result_problems(record: Any) -> list[str]:
+    """Every way ``record`` breaks the result contract (schema and cross-key rules); empty when valid.
 
-    ``families`` maps each model to its zoo family. Rows are sorted by model, layer, test and seed so the
-    table is byte-identical however the jobs ran.
+    Cross-key rules: ``p_floor <= p <= 1``; ``p_floor`` is 1 / n_permutations (2 / n_permutations, at most 1,
+    for two-sided) and ``p`` a multiple of 1 / n_permutations; exact tests have ``n_permutations`` =
+    C(n_x + n_y, n_x) and sampled ones fewer; ``d`` is null exactly when ``flags`` has ``degenerate``; the
+    CI is null when d is, and otherwise both bounds are null or ``d_ci_low <= d_ci_high``. Floats are
+    compared within a relative 1e-9.
     """
-    records = []
+    errors = sorted(_VALIDATOR.iter_errors(record), key=lambda e: list(e.absolute_path))
+    if errors:
+        return [f"{'/'.join(map(str, e.absolute_path)) or 'top level'}: {e.message}" for e in errors]
+    problems = []
+    n, p, floor = record["n_permutations"], record["p"], record["p_floor"]
+    splits = math.comb(record["n_x"] + record["n_y"], record["n_x"])
+    if record["exact"] and n != splits:
+        problems.append(f"exact but n_permutations = {n}, not C(n_x + n_y, n_x) = {splits}")
+    if not record["exact"] and n >= splits:
+        problems.append(f"sampled but n_permutations = {n} >= C(n_x + n_y, n_x) = {splits} (would be exact)")
+    expected_floor = min(1.0, 2 / n) if record["alternative"] == "two-sided" else 1 / n
+    if not math.isclose(floor, expected_floor, rel_tol=_P_TOLERANCE):
+        problems.append(f"p_floor = {floor!r}, not {expected_floor!r} for n_permutations = {n}")
+    if not floor * (1 - _P_TOLERANCE) <= p <= 1 + _P_TOLERANCE:
+        problems.append(f"p = {p!r} outside [p_floor, 1] = [{floor!r}, 1]")
+    if abs(p * n - round(p * n)) > _P_TOLERANCE * max(1.0, p * n):
+        problems.append(f"p = {p!r} is not a multiple of 1 / n_permutations = 1 / {n}")
+    degenerate = "degenerate" in record["flags"].split(";")
+    if (record["d"] is None) != degenerate:
+        problems.append("d is null without the degenerate flag" if record["d"] is None
+                        else "flag degenerate with a defined d")  # fmt: skip
+    low, high = record["d_ci_low"], record["d_ci_high"]
+    if (low is None) != (high is None):
+        problems.append("only one CI bound is null")
+    elif record["d"] is None and low is not None:
+        problems.append("a CI of d although d is undefined")
+    elif low is not None and low > high:
+        problems.append(f"d_ci_low = {low!r} > d_ci_high = {high!r}")
+    return problems
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not standard JSON")
+
+
+def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate one result file (:func:`result_problems`); ValueError naming the file and the
+    remedy when it is not standard JSON (truncated, NaN literals) or breaks the contract."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a valid result JSON, probably truncated ({exc}); {_RERUN}") from None
+    problems = result_problems(record)
+    if problems:
+        raise ValueError(
+            f"{path}: not a valid association-test result (written by another sbssl version or edited): "
+            f"{'; '.join(problems)}; {_RERUN}"
+        )
+    return record
+
+
+def _catalogue_labels(catalogue: Iterable[Any] | Mapping[str, Any]) -> dict[str, Any]:
+    specs = catalogue.values() if isinstance(catalogue, Mapping) else catalogue
+    return {spec.id: spec for spec in specs}
+
+
+def tests_table(
+    result_paths: Iterable[str | os.PathLike[str]],
+    zoo: Mapping[str, Any],
+    catalogue: Iterable[Any] | Mapping[str, Any],
+) -> pd.DataFrame:
+    """Read and validate the per-job result files (:func:`read_result`) into the per-test table.
+
+    ``zoo``: ``{name: ModelSpec}`` (its ``family`` is joined); ``catalogue``: AssociationTestSpec list or
+    ``{id: spec}`` (``title`` and ``group`` are joined). Columns :data:`TESTS_TABLE_COLUMNS`; d and the CI
+    bounds are NaN where null. Rows sorted by model, layer, test, seed, so the table is byte-identical
+    however the jobs ran. ValueError naming the file for an invalid file, a model outside the zoo, a test
+    outside the catalogue, or two files for one (model, layer, test, seed).
+    """
+    tests = _catalogue_labels(catalogue)
+    records, seen = [], {}
     for path in result_paths:
-        with open(path, encoding="utf-8") as handle:
-            record = json.load(handle)
-        missing = [c for c in RESULT_COLUMNS if c not in record]
-        if missing:
-            raise ValueError(f"{path} lacks {missing}; it was written by another version: delete it and rerun")
-        if record["model"] not in families:
-            raise ValueError(f"{path}: model {record['model']!r} is not in the zoo; add it to the zoo file")
-        records.append({**record, "family": families[record["model"]]})
+        record = read_result(path)
+        if record["model"] not in zoo:
+            raise ValueError(
+                f"{path}: model {record['model']!r} is not in the zoo; add it to the zoo file or delete the file"
+            )
+        if record["test"] not in tests:
+            raise ValueError(f"{path}: test {record['test']!r} is not in the catalogue; add it or delete the file")
+        key = (record["model"], record["layer"], record["test"], record["seed"])
+        if key in seen:
+            raise ValueError(f"{path} and {seen[key]} are both results of {key}; delete the stray one")
+        seen[key] = path
+        spec = tests[record["test"]]
+        records.append({**record, "family": zoo[record["model"]].family, "title": spec.title, "group": spec.group})
     table = pd.DataFrame.from_records(records, columns=list(TESTS_TABLE_COLUMNS))
+    table = table.astype({"d": "float64", "d_ci_low": "float64", "d_ci_high": "float64"})
     return table.sort_values(["model", "layer", "test", "seed"], kind="stable").reset_index(drop=True)
 
 
 def record_association_test(
     similarity_path: str | os.PathLike[str],
     manifest_path: str | os.PathLike[str],
-    test: Mapping[str, Any],
+    test: Mapping[str, Any] | Any,
     out_path: str | os.PathLike[str],
     log_path: str | os.PathLike[str],
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """The workflow job: :func:`run_association_test`, its row written atomically as JSON, one log line.
+    """The workflow job: :func:`run_association_test`, its result checked and written atomically as
+    standard JSON, one log line.
 
     Runs inside the Snakemake process (as a thread), so it must not redirect the process-wide
     stdout/stderr the way script jobs do; it writes its own log file instead.
     """
     try:
         row = run_association_test(similarity_path, manifest_path, test, **kwargs)
+        problems = result_problems(row)
+        if problems:  # a bug, not bad input: never write a file the table would refuse
+            raise RuntimeError(f"result breaks the contract: {'; '.join(problems)}")
     except Exception as exc:
         write_text_atomic(log_path, f"failed: {type(exc).__name__}: {exc}\n")
         raise
     write_json_atomic(out_path, row)
+    d = "undefined" if row["d"] is None else f"{row['d']:.6g}"
     write_text_atomic(
         log_path,
-        f"{row['model']} {row['layer']} {row['test']} seed={row['seed']}: "
-        f"d={row['d']:.6g} p={row['p']:.6g} exact={row['exact']} n_permutations={row['n_permutations']}\n",
+        f"{row['model']} {row['layer']} {row['test']} seed={row['seed']}: d={d} p={row['p']:.6g} "
+        f"exact={row['exact']} n_permutations={row['n_permutations']} flags={row['flags'] or '-'}\n",
     )
     return row

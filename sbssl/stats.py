@@ -393,8 +393,9 @@ def _bootstrap_ci(
 
     A resampled attribute set is a vector of counts (how often each image was drawn; counted with one
     ``bincount`` per chunk, which is several times faster than ``Generator.multinomial`` row by row), so
-    one replicate's s(w) for all targets is one matrix product; X and Y are then resampled from those scores. Replicates are drawn in chunks
-    whose size depends only on the set sizes, so the same inputs and seed give the same interval.
+    one replicate's s(w) for all targets is one matrix product; X and Y are then resampled from those
+    scores. Replicates are drawn in chunks whose size depends only on the set sizes, so the same inputs
+    and seed give the same interval.
     """
     _check_integer("n_boot", n_boot, positive=True)
     if not 0 < confidence < 1:

@@ -1,20 +1,44 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 
 import h5py
+import jsonschema
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from sbssl.runner import RESULT_COLUMNS, TESTS_TABLE_COLUMNS, record_association_test, run_association_test
+from sbssl.catalogue import AssociationTestSpec
+from sbssl.provenance import provenance
+from sbssl.runner import (
+    RESULT_KEYS,
+    RESULT_SCHEMA,
+    TESTS_TABLE_COLUMNS,
+    read_result,
+    record_association_test,
+    result_problems,
+    run_association_test,
+)
+from sbssl.runner import test_definition as definition_of
 from sbssl.runner import tests_table as build_tests_table
 from sbssl.similarity import write_sha256
-from sbssl.stats import association_test
+from sbssl.stats import association_test, effect_size_ci_from_similarity
 from sbssl.stimuli import build_manifest, concept_images, distinct_images, write_manifest
 
 TEST = {"id": "t", "title": "T", "group": "core", "x": "c/x", "y": "c/y", "a": "c/a", "b": "c/b"}
+SPEC = AssociationTestSpec(**TEST)
+ZOO = {"m": type("Spec", (), {"family": "random"})()}
+RUN = {"model": "m", "layer": "avgpool", "permutations": 50, "n_boot": 200}
+
+
+def _write_similarity(path, unit, hashes):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("similarity", data=unit @ unit.T)
+        write_sha256(f, hashes)
+        f.attrs.update({"model": "m", "layer": "avgpool", "preprocessing": "sbssl", "pooling": "flatten"})
 
 
 @pytest.fixture()
@@ -28,67 +52,254 @@ def study(tmp_path):
             Image.fromarray(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)).save(path)
     # the same file in two concepts, as iEAT's roach image is both target and attribute
     (tmp_path / "stimuli/c/a/shared.png").write_bytes((tmp_path / "stimuli/c/x/0.png").read_bytes())
+    # two target folders holding one image repeated: every s(w) is equal, d is undefined
+    for folder, n in (("c/same1", 2), ("c/same2", 3)):
+        (tmp_path / "stimuli" / folder).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "stimuli" / folder / f"{i}.png").write_bytes((tmp_path / "stimuli/c/y/0.png").read_bytes())
     manifest = build_manifest(tmp_path / "stimuli")
     write_manifest(manifest, tmp_path / "manifest.csv")
     hashes = distinct_images(manifest)["sha256"].tolist()
     vectors = rng.standard_normal((len(hashes), 16))
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    with h5py.File(tmp_path / "sim.h5", "w") as f:
-        f.create_dataset("similarity", data=unit @ unit.T)
-        write_sha256(f, hashes)
-        f.attrs.update({"model": "m", "layer": "avgpool", "preprocessing": "sbssl", "pooling": "flatten"})
+    _write_similarity(tmp_path / "sim.h5", vectors / np.linalg.norm(vectors, axis=1, keepdims=True), hashes)
     embedding = dict(zip(hashes, vectors))
     return tmp_path, manifest, embedding
 
 
+def _run(root, test=TEST, seed=3, **kwargs):
+    return run_association_test(root / "sim.h5", root / "manifest.csv", test, seed=seed, **{**RUN, **kwargs})
+
+
+def _record(root, name, test=TEST, seed=0, **kwargs):
+    out = root / "out" / f"{name}.json"
+    record_association_test(root / "sim.h5", root / "manifest.csv", test, out, root / "log" / f"{name}.log",
+                            seed=seed, **{**RUN, **kwargs})  # fmt: skip
+    return out
+
+
+def _strict_json(path):
+    def refuse(name):
+        raise AssertionError(f"{path} holds {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+# --------------------------------------------------------------------------- one job
+
+
 def test_run_association_test_equals_the_test_on_raw_embeddings(study):
     root, manifest, embedding = study
-    row = run_association_test(root / "sim.h5", root / "manifest.csv", TEST, model="m",
-                               layer="avgpool", seed=3, permutations=100)
+    row = _run(root, permutations=100)
     sets = {k: np.array([embedding[s] for s in concept_images(manifest, TEST[k])]) for k in "xyab"}
     expected = association_test(sets["x"], sets["y"], sets["a"], sets["b"], permutations=100, seed=3)
-    assert list(row) == list(RESULT_COLUMNS)
+    assert list(row) == list(RESULT_KEYS)
+    assert result_problems(row) == []
     assert row["n_a"] == 4  # the shared image counts in both of its folders
     assert row["d"] == pytest.approx(expected.effect_size, abs=1e-12)
     assert row["statistic"] == pytest.approx(expected.statistic, abs=1e-12)
     assert row["p"] == expected.p_value and row["exact"] == expected.exact
-    assert row["preprocessing"] == "sbssl" and row["model"] == "m" and row["seed"] == 3
+    assert (row["preprocessing"], row["pooling"], row["model"], row["seed"]) == ("sbssl", "flatten", "m", 3)
+    assert row["flags"] == "target_attribute_overlap"  # c/x/0.png is also in c/a
+    assert {k: row[k] for k in ("sbssl_version", "code_digest")} == provenance("test")
+
+
+def test_ci_is_the_bootstrap_seeded_with_the_jobs_seed(study):
+    root, manifest, _ = study
+    with h5py.File(root / "sim.h5", "r") as f:
+        sim, order = f["similarity"][()], [s.decode() for s in f["sha256"][()]]
+    idx = {k: np.array([order.index(s) for s in concept_images(manifest, TEST[k])]) for k in "xyab"}
+    ci = effect_size_ci_from_similarity(sim, idx["x"], idx["y"], idx["a"], idx["b"], n_boot=300, confidence=0.9,
+                                        seed=5)  # fmt: skip
+    row = _run(root, seed=5, n_boot=300, confidence=0.9)
+    assert (row["d_ci_low"], row["d_ci_high"], row["n_boot"], row["ci_confidence"]) == (ci.low, ci.high, 300, 0.9)
+    assert row["d_ci_low"] < row["d"] < row["d_ci_high"]
+    other = _run(root, seed=6, n_boot=300, confidence=0.9)
+    assert (row["d_ci_low"], row["d_ci_high"]) != (other["d_ci_low"], other["d_ci_high"])
+
+
+def test_result_depends_on_the_test_definition_only(study):
+    root, _, _ = study
+    relabelled = {**TEST, "title": "Another title", "group": "president"}
+    assert _run(root) == _run(root, test=relabelled) == _run(root, test=SPEC)
+    assert definition_of(relabelled) == {"id": "t", "x": "c/x", "y": "c/y", "a": "c/a", "b": "c/b"}
+    assert "title" not in RESULT_KEYS and "group" not in RESULT_KEYS
+    with pytest.raises(ValueError, match="lacks 'b'"):
+        _run(root, test={k: v for k, v in TEST.items() if k != "b"})
+
+
+def test_overlap_flag_marks_an_image_both_target_and_attribute(study):
+    root, _, _ = study
+    # c/same1 and c/same2 repeat c/y/0.png; c/a holds a copy of c/x/0.png
+    assert _run(root, test={**TEST, "a": "c/b", "b": "c/same1"})["flags"] == "target_attribute_overlap"
+    assert _run(root, test={**TEST, "y": "c/same2", "a": "c/b", "b": "c/same1"})["flags"] == "target_attribute_overlap"
+    assert _run(root, test={**TEST, "y": "c/same2", "a": "c/b", "b": "c/b"})["flags"] == "degenerate"  # A == B
+    both = {**TEST, "x": "c/same1", "y": "c/same2", "a": "c/b", "b": "c/same1"}
+    assert _run(root, test=both)["flags"] == "degenerate;target_attribute_overlap"
+
+
+def test_degenerate_result_is_null_in_standard_json_and_read_back(study):
+    root, _, _ = study
+    degenerate = {**TEST, "x": "c/same1", "y": "c/same2"}
+    out = _record(root, "deg", test=degenerate)
+    record = _strict_json(out)
+    assert record["d"] is None and record["d_ci_low"] is None and record["d_ci_high"] is None
+    assert record["flags"] == "degenerate"
+    assert record["p"] == 1.0  # every split ties with the observed one
+    assert "d=undefined" in (root / "log/deg.log").read_text()
+    table = build_tests_table([out], ZOO, [SPEC])
+    assert math.isnan(table.loc[0, "d"]) and table.loc[0, "flags"] == "degenerate"
 
 
 def test_missing_concept_is_a_clear_error(study):
     root, _, _ = study
     with pytest.raises(ValueError, match=r"'c/nothing'"):
-        run_association_test(root / "sim.h5", root / "manifest.csv", {**TEST, "b": "c/nothing"}, model="m",
-                             layer="avgpool", seed=0, permutations=10)
+        _run(root, test={**TEST, "b": "c/nothing"})
+
+
+def test_bad_bootstrap_options_fail_even_when_d_is_undefined(study):
+    root, _, _ = study
+    with pytest.raises(ValueError, match="n_boot"):
+        _run(root, test={**TEST, "x": "c/same1", "y": "c/same2"}, n_boot=0)
+
+
+def test_truncated_similarity_file_names_the_file_and_the_remedy(study):
+    root, _, _ = study
+    data = (root / "sim.h5").read_bytes()
+    (root / "sim.h5").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"sim\.h5.*delete it"):
+        _run(root)
+    with pytest.raises(FileNotFoundError, match="nothing.h5"):
+        run_association_test(root / "nothing.h5", root / "manifest.csv", TEST, seed=0, **RUN)
+
+
+def test_cache_rereads_a_replaced_file_with_the_same_size_and_mtime(study):
+    root, manifest, _ = study
+    before = _run(root)
+    stat = os.stat(root / "sim.h5")
+    hashes = distinct_images(manifest)["sha256"].tolist()
+    vectors = np.random.default_rng(99).standard_normal((len(hashes), 16))
+    _write_similarity(root / "new.h5", vectors / np.linalg.norm(vectors, axis=1, keepdims=True), hashes)
+    assert os.stat(root / "new.h5").st_size == stat.st_size
+    os.replace(root / "new.h5", root / "sim.h5")  # as an atomic rewrite does
+    os.utime(root / "sim.h5", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _run(root)["d"] != before["d"]
+
+
+# --------------------------------------------------------------------------- the table
 
 
 def test_record_and_table_are_sorted_and_byte_stable(study):
     root, _, _ = study
-    paths = []
-    for seed in (1, 0):
-        out = root / f"out/{seed}.json"
-        record_association_test(root / "sim.h5", root / "manifest.csv", TEST, out, root / f"log/{seed}.log",
-                                model="m", layer="avgpool", seed=seed, permutations=50)
-        paths.append(out)
-        assert "seed=" in (root / f"log/{seed}.log").read_text()
-    table = build_tests_table(paths, {"m": "random"})
-    assert list(table.columns) == list(TESTS_TABLE_COLUMNS) and set(table["family"]) == {"random"}
+    paths = [_record(root, str(seed), seed=seed) for seed in (1, 0)]
+    assert "seed=" in (root / "log/1.log").read_text()
+    table = build_tests_table(paths, ZOO, [SPEC])
+    assert list(table.columns) == list(TESTS_TABLE_COLUMNS)
+    assert set(table["family"]) == {"random"} and set(table["title"]) == {"T"} and set(table["group"]) == {"core"}
     assert table["seed"].tolist() == [0, 1]
-    assert table.equals(build_tests_table(reversed(paths), {"m": "random"}))
-    assert json.loads(paths[0].read_text())["seed"] == 1
+    backwards = build_tests_table(reversed(paths), ZOO, {"t": SPEC})
+    assert table.to_csv(index=False) == backwards.to_csv(index=False)
+    assert _strict_json(paths[0])["seed"] == 1
+
+
+def test_relabelled_catalogue_title_appears_without_changing_the_json(study):
+    root, _, _ = study
+    out = _record(root, "r")
+    before = out.read_bytes()
+    relabelled = AssociationTestSpec(**{**TEST, "title": "Renamed", "group": "intersectional"})
+    table = build_tests_table([out], ZOO, [relabelled])
+    assert (table.loc[0, "title"], table.loc[0, "group"]) == ("Renamed", "intersectional")
+    assert out.read_bytes() == before
+
+
+def test_schema_is_valid_and_matches_the_keys():
+    jsonschema.Draft202012Validator.check_schema(RESULT_SCHEMA)
+    assert RESULT_SCHEMA["required"] == list(RESULT_KEYS) == list(RESULT_SCHEMA["properties"])
+
+
+def _edited(root, name, **changes):
+    out = _record(root, name)
+    record = json.loads(out.read_text())
+    record.update(changes)
+    out.write_text(json.dumps(record))
+    return out
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"p": 0.001}, r"p = 0\.001 outside \[p_floor, 1\]"),  # below the floor 1/50
+        ({"p": 0.0301}, "not a multiple of 1 / n_permutations"),
+        ({"p_floor": 0.01}, r"p_floor = 0\.01, not 0\.02"),
+        ({"exact": True}, "exact but n_permutations = 50, not C"),
+        ({"n_permutations": 200, "p_floor": 0.005, "p": 0.5}, "sampled but n_permutations = 200 >= C"),
+        ({"d": None}, "d is null without the degenerate flag"),
+        ({"flags": "degenerate;target_attribute_overlap"}, "flag degenerate with a defined d"),
+        ({"flags": "target_attribute_overlap;degenerate"}, "does not match"),
+        ({"d_ci_low": None}, "only one CI bound is null"),
+        ({"d_ci_low": 9.0, "d_ci_high": 8.0}, "d_ci_low = 9.0 > d_ci_high"),
+        ({"title": "T"}, "Additional properties"),  # a file of the old format
+        ({"seed": "0"}, "seed: '0' is not of type 'integer'"),
+    ],
+)  # fmt: skip
+def test_table_refuses_an_inconsistent_result(study, changes, match):
+    root, _, _ = study
+    out = _edited(root, "bad", **changes)
+    with pytest.raises(ValueError, match=match) as error:
+        build_tests_table([out], ZOO, [SPEC])
+    assert str(out) in str(error.value) and "delete it and rerun; snakemake reruns that job" in str(error.value)
+
+
+def test_exact_result_with_wrong_n_permutations_is_refused(study):
+    root, _, _ = study
+    out = _record(root, "exact", permutations=10_000)
+    record = _strict_json(out)
+    assert record["exact"] and record["n_permutations"] == 126 and result_problems(record) == []
+    record.update(n_permutations=10_000, p_floor=1e-4)
+    out.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"exact\.json: .*exact but n_permutations = 10000, not C\(.*\) = 126"):
+        build_tests_table([out], ZOO, [SPEC])
+
+
+@pytest.mark.parametrize("cut", [0, 1, 0.5, -2])
+def test_table_refuses_a_truncated_json(study, cut):
+    root, _, _ = study
+    out = _record(root, "cut")
+    text = out.read_text()
+    out.write_text(text[: int(cut * len(text)) if isinstance(cut, float) else cut])
+    with pytest.raises(ValueError, match=r"cut\.json: not a valid result JSON.*delete it and rerun; snakemake reruns"):
+        read_result(out)
+
+
+def test_table_refuses_nan_literals(study):
+    root, _, _ = study
+    out = _record(root, "nan")
+    out.write_text(out.read_text().replace('"d_ci_low": ', '"d_ci_low": NaN, "x": '))
+    with pytest.raises(ValueError, match="NaN is not standard JSON"):
+        build_tests_table([out], ZOO, [SPEC])
 
 
 def test_table_rejects_foreign_json(tmp_path):
     path = tmp_path / "x.json"
     path.write_text(json.dumps({"model": "m"}))
-    with pytest.raises(ValueError, match="lacks"):
-        build_tests_table([path], {"m": "random"})
+    with pytest.raises(ValueError, match="x.json.*'layer' is a required property"):
+        build_tests_table([path], ZOO, [SPEC])
 
 
-def test_table_rejects_a_model_outside_the_zoo(study):
+def test_table_rejects_unknown_model_or_test_and_duplicates(study):
     root, _, _ = study
-    out = root / "r.json"
-    record_association_test(root / "sim.h5", root / "manifest.csv", TEST, out, root / "r.log",
-                            model="m", layer="avgpool", seed=0, permutations=10)
-    with pytest.raises(ValueError, match="not in the zoo"):
-        build_tests_table([out], {"other": "random"})
+    out = _record(root, "r")
+    with pytest.raises(ValueError, match=r"r\.json: model 'm' is not in the zoo"):
+        build_tests_table([out], {"other": ZOO["m"]}, [SPEC])
+    other = AssociationTestSpec(**{**TEST, "id": "u"})
+    with pytest.raises(ValueError, match=r"r\.json: test 't' is not in the catalogue"):
+        build_tests_table([out], ZOO, [other])
+    copy = root / "copy.json"
+    copy.write_bytes(out.read_bytes())
+    with pytest.raises(ValueError, match=r"copy\.json and .*r\.json are both results"):
+        build_tests_table([out, copy], ZOO, [SPEC])
+
+
+def test_empty_table_has_the_columns():
+    table = build_tests_table([], ZOO, [SPEC])
+    assert list(table.columns) == list(TESTS_TABLE_COLUMNS) and len(table) == 0
+    assert isinstance(table, pd.DataFrame)
