@@ -29,7 +29,7 @@ from workflow_copy import copy_workflow, planned_jobs, snakemake, write_config  
 from sbssl.catalogue import load_catalogue  # noqa: E402
 from sbssl.layers import LAYERS  # noqa: E402
 from sbssl.models import load_zoo  # noqa: E402
-from sbssl.similarity import write_sha256  # noqa: E402
+from sbssl.storage import write_sha256  # noqa: E402
 from sbssl.stimuli import distinct_images, read_manifest  # noqa: E402
 
 

@@ -25,7 +25,6 @@ from sbssl.storage import (
     read_embeddings_header,
     read_sha256,
     read_similarity_arrays,
-    write_sha256,  # noqa: F401  (re-exported: tests and benchmarks write fixture files with it)
     write_similarity,
 )
 

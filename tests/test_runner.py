@@ -24,7 +24,7 @@ from sbssl.runner import (
 )
 from sbssl.runner import test_definition as definition_of
 from sbssl.runner import tests_table as build_tests_table
-from sbssl.similarity import write_sha256
+from sbssl.storage import write_sha256
 from sbssl.stats import association_test, effect_size_ci_from_similarity
 from sbssl.stimuli import build_manifest, concept_images, distinct_images, write_manifest
 
