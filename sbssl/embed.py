@@ -1,30 +1,41 @@
 """One-pass, multi-layer embedding extraction into the per-(model, layer) HDF5 cache.
 
 Every distinct image goes through the model once: forward hooks on the requested modules capture all layers
-of a batch in a single forward pass (hooks measured as lean as ``create_feature_extractor`` and need no
-re-tracing), and each batch is streamed to disk, so memory stays flat whatever the number of images. The next
-batch is decoded and the previous one compressed in threads while the model computes.
+of a batch in a single forward pass (no re-tracing, unlike ``create_feature_extractor``), and each batch is
+streamed to disk, so memory stays flat whatever the number of images. The next batch is decoded and the
+previous one compressed in threads while the model computes. Each hook pools/flattens and copies its module's
+output at once: a module's output may be modified in place later in the forward pass (the residual add and
+ReLU after ``layer1.0.bn3``), and the full map is freed as soon as the forward moves on.
 
-Measured with ``benchmarks/bench_embed.py`` on the 664 distinct iEAT images, random ResNet-50, 2 shared CPU
-cores: full extraction (six flattened layers, float16, LZF) at 0.88x the images/s of bare model calls, one
-forward pass per image, peak RSS 1.6 GB (of which ~0.9 GB is importing torch), 2.15 MB/image on disk.
+Embeddings are stored as float32 by default. float16 (opt-in) halves the disk space but is not neutral: it
+moves permutation p-values and effect sizes (``benchmarks/bench_precision.py`` measures by how much).
 
-Cache file format (team contract): ``embeddings`` (n_images, dim) float16|float32, row-chunked, LZF-compressed
-(LZF measured at ~12 ms/image on a CPU against ~45 ms for gzip level 1, for 2.3 vs 2.0 MB/image at all six
-flattened layers); ``sha256`` (n_images,) UTF-8; attrs model, weights_sha256, preprocessing, layer, pooling,
-dtype, versions (JSON).
+The file format is that of :mod:`sbssl.storage`. A cache file is reused only when it is readable, was
+written by the current code (``code_digest`` of :func:`sbssl.provenance.provenance` for the embed stage) and
+matches the request (:data:`CACHE_KEYS` and the image list); an unreadable file or one from other code is
+recomputed.
+
+The pixel-permutation control (paper section 4.2: "we randomly permute the pixels of the target images") is
+the ``permute`` option of :func:`embed_layers`: the spatial positions of the network INPUT tensor (3, 224,
+224), after preprocessing, are shuffled, all three channels moved together. Permuting the image file at its
+source resolution instead would let the preprocessing's resizing average neighbouring shuffled pixels, so
+what the network sees would depend on each file's size (a 32 px CIFAR image is upscaled 7x into blocks of a
+shuffled pixel, a 600 px photo is averaged into near-uniform noise); on the input tensor every image keeps
+exactly its 224 x 224 colour multiset, whatever its source size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import cv2
 import h5py
@@ -38,11 +49,12 @@ from tqdm import tqdm
 import sbssl
 from sbssl.io import atomic_path
 from sbssl.layers import LAYERS
-from sbssl.similarity import plain_attrs, read_sha256, write_sha256
+from sbssl.provenance import provenance
+from sbssl.storage import create_embeddings, read_embeddings_header, write_sha256
 from sbssl.stimuli import load_image, sha256_file
 
 if TYPE_CHECKING:
-    from sbssl.models import ModelSpec
+    from sbssl.models import ModelDefinition
 
 #: Side of the square network input, pixels.
 INPUT_SIZE = 224
@@ -52,9 +64,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("flatten", "mean")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: Attributes that identify what a cache file holds; a cached file must match all of them to be reused.
-CACHE_KEYS = ("model", "weights_sha256", "preprocessing", "layer", "pooling", "dtype")
-#: Target size of one HDF5 chunk (whole rows): large enough for fast LZF, small enough for the chunk cache.
-_CHUNK_BYTES = 2**20
+#: Every key of the caller's ``attrs`` (e.g. ``architecture``) identifies the file too.
+CACHE_KEYS = ("model", "weights_sha256", "preprocessing", "layer", "pooling", "dtype", "permute")
+#: HDF5 chunk cache of an output file: larger than one chunk, so small rows (mean pooling) fill chunks
+#: across batches.
+_CHUNK_CACHE_BYTES = 2**22
+
+_log = logging.getLogger(__name__)
 
 
 #: torchvision's ImageNet evaluation transform: short side resized to 256 (bilinear, antialiased), centre
@@ -148,18 +164,56 @@ class EmbeddingReport:
         return not self.computed_layers
 
 
+def permutation_id(permute: Mapping[str, int] | None) -> str:
+    """The ``permute`` attribute of a request: ``none``, or ``input-pixels sha256:<hex>`` where the digest
+    covers the sorted (image sha256, seed) pairs, so a different image set or seed is a different cache."""
+    if not permute:
+        return "none"
+    text = "".join(f"{sha} {seed}\n" for sha, seed in sorted(permute.items()))
+    return f"input-pixels sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def permute_positions(image: torch.Tensor, sha256: str, seed: int) -> torch.Tensor:
+    """Shuffle the H*W spatial positions of one network input ``image`` (C, H, W), all C channels moved
+    together, so every channel keeps its multiset of values; returns a new tensor.
+
+    The permutation is numpy's ``default_rng([seed, int(sha256, 16)]).permutation(H * W)``: it depends on
+    the image and the seed only, not on batching or the order of the images.
+    """
+    channels, height, width = image.shape
+    order = torch.from_numpy(np.random.default_rng([seed, int(sha256, 16)]).permutation(height * width))
+    return image.reshape(channels, height * width)[:, order].reshape(channels, height, width)
+
+
+def _check_permute(permute: Mapping[str, int] | None, hashes: Sequence[str]) -> dict[str, int]:
+    if not permute:
+        return {}
+    unknown = sorted(set(permute) - set(hashes))
+    if unknown:
+        raise ValueError(
+            f"permute names {len(unknown)} image(s) that are not among the images to embed (first: {unknown[0]}); "
+            "build it from the same manifest"
+        )
+    bad = {sha: seed for sha, seed in permute.items() if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0}
+    if bad:
+        sha, seed = next(iter(bad.items()))
+        raise ValueError(f"permute seeds must be non-negative integers; image {sha} has {seed!r}")
+    return {sha: int(seed) for sha, seed in permute.items()}
+
+
 def embed_layers(
     model: torch.nn.Module | Callable[[], torch.nn.Module],
     images: Sequence[tuple[str, str | os.PathLike[str]]],
     out_paths: Mapping[str, str | os.PathLike[str]],
     *,
-    attrs: Mapping[str, str],
+    attrs: Mapping[str, Any],
     layers: Sequence[str] = LAYERS,
     preprocessing: str = "sbssl",
     pooling: str = "flatten",
     batch_size: int = 16,
     device: str = "auto",
-    dtype: str = "float16",
+    dtype: str = "float32",
+    permute: Mapping[str, int] | None = None,
     progress: bool = True,
 ) -> EmbeddingReport:
     """Embed images with ``model`` and write one HDF5 cache file per layer, in one forward pass per batch.
@@ -167,18 +221,25 @@ def embed_layers(
     model: the network, or a zero-argument callable that builds it (called only when some layer must be
         computed, so a full cache hit loads no weights).
     images: (sha256, path) of each distinct image, in the row order of the outputs.
-    out_paths: layer -> .h5 path, one per entry of ``layers`` (module names of ``model``, e.g. ``layer1``).
-    attrs: identity of the model, stored and checked on reuse; must hold ``model`` (slug) and
-        ``weights_sha256`` (hex digest, or e.g. ``random-init-seed-1`` for a random model).
+    out_paths: layer -> .h5 path, one per entry of ``layers`` (module names of ``model``, e.g. ``layer1`` or
+        ``layer1.0.bn3``).
+    attrs: identity of the model, stored (as str) and checked on reuse (every key); must hold ``model`` (slug)
+        and ``weights_sha256`` (hex digest, or e.g. ``random-init-seed-1`` for a random model).
     pooling: ``flatten`` keeps the whole map (C*H*W values per image, 802,816 at layer1, C-major order);
         ``mean`` averages each channel over space (C values).
-    dtype: stored type, ``float16`` (default) or ``float32``; the forward pass itself runs in float32.
+    dtype: stored type, ``float32`` (default) or ``float16`` (half the disk, but it shifts p-values; see the
+        module docstring); the forward pass itself runs in float32.
+    permute: image sha256 -> seed: these images' network inputs get their spatial positions shuffled
+        (:func:`permute_positions`, the pixel-permutation control); the others are embedded as usual. Stored
+        as the ``permute`` attribute (:func:`permutation_id`) and the count ``permuted_images``.
     device: ``auto`` (CUDA when present), ``cpu``, ``cuda:0``, ... The model is moved there and set to eval.
 
-    Cache: a layer whose file exists with the same identifying attrs (:data:`CACHE_KEYS`) and the same
-    sha256 list is reused; when every layer is reused the model is not run at all. A file made for another
-    image list is recomputed. A file whose attrs differ from the request raises ValueError naming the file
-    and attribute. Each file is written under a temporary name and renamed when all batches are done.
+    Cache: a layer whose file is readable, was written by the current embedding code and has the same
+    identifying attrs (:data:`CACHE_KEYS` and the keys of ``attrs``) and the same sha256 list is reused; when every layer is reused the
+    model is not run at all. An unreadable file (truncated, corrupt), one written by other code and one made
+    for another image list are recomputed. A file of the current code whose attrs differ from the request
+    raises ValueError naming the file and attribute. Each file is written under a temporary name and renamed
+    when all batches are done.
     """
     start = time.perf_counter()
     for key in ("model", "weights_sha256"):
@@ -202,6 +263,7 @@ def embed_layers(
     if len(set(hashes)) != len(hashes):
         dup = next(sha for sha in hashes if hashes.count(sha) > 1)
         raise ValueError(f"image {dup} is listed more than once; embed distinct images (one row per sha256)")
+    permute = _check_permute(permute, hashes)
 
     wanted = {
         layer: {
@@ -210,16 +272,22 @@ def embed_layers(
             "layer": layer,
             "pooling": pooling,
             "dtype": dtype,
+            "permute": permutation_id(permute),
+            "permuted_images": len(permute),
+            **provenance("embed"),
         }
         for layer in layers
     }
-    todo = tuple(layer for layer in layers if not _reusable(Path(out_paths[layer]), wanted[layer], hashes))
+    identity = (*CACHE_KEYS, *(key for key in attrs if key not in CACHE_KEYS))
+    todo = tuple(
+        layer for layer in layers if not _reusable(Path(out_paths[layer]), wanted[layer], identity, hashes)
+    )
     dev = resolve_device(device)
     batches = 0
     if todo:
         batches = _extract(
             model if isinstance(model, torch.nn.Module) else model(), images, {layer: (Path(out_paths[layer]), wanted[layer]) for layer in todo},
-            transform=transform, pooling=pooling, batch_size=batch_size, device=dev, dtype=dtype,
+            transform=transform, pooling=pooling, batch_size=batch_size, device=dev, dtype=dtype, permute=permute,
             progress=progress,
         )
     return EmbeddingReport(
@@ -235,43 +303,49 @@ def embed_layers(
     )
 
 
-def _reusable(path: Path, wanted: Mapping[str, str], hashes: list[str]) -> bool:
-    """True when ``path`` is a valid cache for this request; False when absent or made for other images.
+def _reusable(path: Path, wanted: Mapping[str, Any], identity: Sequence[str], hashes: list[str]) -> bool:
+    """True when ``path`` is a valid cache for this request; False when absent, unreadable, written by other
+    code or made for other images (all recomputed).
 
-    Raises ValueError when the file's identifying attributes differ from the request: reusing it would
-    silently mix models or settings, and overwriting it would silently discard a deliberate result.
+    Raises ValueError when a file of the current code has identifying attributes that differ from the request:
+    reusing it would silently mix models or settings, and overwriting it would silently discard a deliberate
+    result.
     """
     if not path.exists():
         return False
     try:
-        with h5py.File(path, "r") as f:
-            stored = plain_attrs(f.attrs)
-            cached_hashes = read_sha256(f) if "sha256" in f else None
-            rows = f["embeddings"].shape[0] if "embeddings" in f else None
-    except OSError as exc:
-        raise ValueError(f"{path}: not a readable HDF5 embeddings file ({exc}); delete it to recompute") from None
-    for key in CACHE_KEYS:
+        header = read_embeddings_header(path)
+    except ValueError as exc:
+        _log.warning("recomputing %s: %s", path, exc)
+        return False
+    stored = header.attrs
+    if stored.get("code_digest") != wanted["code_digest"]:
+        _log.warning(
+            "recomputing %s: written by other code (code_digest %s, current %s)",
+            path, stored.get("code_digest"), wanted["code_digest"],
+        )  # fmt: skip
+        return False
+    for key in identity:
         if str(stored.get(key)) != wanted[key]:
             raise ValueError(
                 f"{path}: cached embeddings have {key}={stored.get(key)!r} but this run asks for "
                 f"{key}={wanted[key]!r}; delete the file (or its folder) to recompute, or change the config "
                 "to match"
             )
-    if cached_hashes is None or rows is None:
-        raise ValueError(f"{path}: embeddings file lacks the 'embeddings'/'sha256' datasets; delete it to recompute")
-    return cached_hashes == hashes and rows == len(hashes)
+    return header.sha256 == hashes
 
 
 def _extract(
     model: torch.nn.Module,
     images: Sequence[tuple[str, str | os.PathLike[str]]],
-    outputs: Mapping[str, tuple[Path, Mapping[str, str]]],
+    outputs: Mapping[str, tuple[Path, Mapping[str, Any]]],
     *,
     transform: Callable[[Image.Image], torch.Tensor],
     pooling: str,
     batch_size: int,
     device: torch.device,
     dtype: str,
+    permute: Mapping[str, int],
     progress: bool,
 ) -> int:
     """Run the forward passes and stream every captured layer into its file; return the number of batches."""
@@ -280,27 +354,34 @@ def _extract(
     if unknown:
         raise ValueError(f"model has no module(s) {unknown}; known top-level modules: {list(dict(model.named_children()))}")
     model.eval().to(device)
+    torch_dtype = DTYPES[dtype]
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str):
         def hook(_module, _inputs, output):
-            captured[name] = output
+            # Reduce and copy now: later in-place operations of the forward pass (e.g. ``out += identity``
+            # after ``layer1.0.bn3``) would otherwise change what is stored, and the full map can be freed.
+            out = output.flatten(1) if pooling == "flatten" or output.ndim < 3 else output.mean(dim=tuple(range(2, output.ndim)))
+            captured[name] = out.to(torch_dtype, copy=True)
 
         return hook
 
-    torch_dtype = DTYPES[dtype]
     n = len(images)
     model_name = next(iter(outputs.values()))[1]["model"]
     versions = json.dumps(library_versions(), sort_keys=True)
     batches = [images[b0 : b0 + batch_size] for b0 in range(0, n, batch_size)]
 
+    def prepare(sha: str, path: str | os.PathLike[str]) -> torch.Tensor:
+        tensor = transform(_load_checked(sha, path))
+        return permute_positions(tensor, sha, permute[sha]) if sha in permute else tensor
+
     def load(chunk: Sequence[tuple[str, str | os.PathLike[str]]]) -> torch.Tensor:
-        return torch.stack([transform(_load_checked(sha, path)) for sha, path in chunk])
+        return torch.stack([prepare(sha, path) for sha, path in chunk])
 
     def write(b0: int, rows: Mapping[str, np.ndarray]) -> None:
         for layer, values in rows.items():
             if layer not in datasets:
-                datasets[layer] = _create_embeddings(files[layer], n, values.shape[1], values.dtype)
+                datasets[layer] = create_embeddings(files[layer], n, values.shape[1], values.dtype)
             datasets[layer][b0 : b0 + len(values)] = values
 
     with contextlib.ExitStack() as stack:
@@ -310,8 +391,7 @@ def _extract(
         datasets: dict[str, h5py.Dataset] = {}
         for layer, (path, wanted) in outputs.items():
             tmp = stack.enter_context(atomic_path(path))
-            # A chunk cache larger than one chunk lets small rows (mean pooling) fill chunks across batches.
-            files[layer] = stack.enter_context(h5py.File(tmp, "w", rdcc_nbytes=4 * _CHUNK_BYTES))
+            files[layer] = stack.enter_context(h5py.File(tmp, "w", rdcc_nbytes=_CHUNK_CACHE_BYTES))
             files[layer].attrs.update({**wanted, "versions": versions})
             write_sha256(files[layer], [sha for sha, _ in images])
         bar = stack.enter_context(tqdm(total=n, unit="img", desc=f"embed {model_name}", disable=not progress))
@@ -330,9 +410,7 @@ def _extract(
                 model(batch.to(device))
                 rows = {}
                 for layer in outputs:
-                    out = captured[layer]
-                    out = out.flatten(1) if pooling == "flatten" or out.ndim < 3 else out.mean(dim=tuple(range(2, out.ndim)))
-                    values = out.to(torch_dtype)
+                    values = captured[layer]
                     # A row sum is non-finite exactly when the row holds inf/nan (float32 sums cannot overflow
                     # from float16 values), and it is far cheaper than an element-wise check.
                     if not bool(torch.isfinite(values.sum(dim=1, dtype=torch.float32)).all()):
@@ -362,42 +440,53 @@ def _load_checked(sha256: str, path: str | os.PathLike[str]) -> Image.Image:
     return load_image(path)
 
 
-def _create_embeddings(f: h5py.File, n: int, dim: int, dtype: np.dtype) -> h5py.Dataset:
-    rows_per_chunk = max(1, min(n, _CHUNK_BYTES // (dim * dtype.itemsize)))
-    return f.create_dataset(
-        "embeddings", shape=(n, dim), dtype=dtype, chunks=(rows_per_chunk, dim), compression="lzf"
-    )
+def embedding_attrs(
+    model: ModelDefinition,
+    weights_path: str | os.PathLike[str] | None = None,
+    *,
+    lock_path: str | os.PathLike[str] | None = None,
+) -> dict[str, str]:
+    """The model identity stored in (and checked against) cache files: ``model`` (zoo slug), ``architecture``
+    and ``weights_sha256`` (full hex digest of the weights file, or ``random-init-seed-<seed>`` for a random
+    model).
 
-
-
-def embedding_attrs(spec: ModelSpec, weights_path: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """The model identity stored in (and checked against) cache files: ``model`` (zoo slug) and
-    ``weights_sha256`` (hex digest of the weights file, or ``random-init-seed-<seed>`` for a random model)."""
-    if spec.weights is None:
-        return {"model": spec.name, "weights_sha256": f"random-init-seed-{spec.init_seed}"}
+    model: a :class:`sbssl.models.ModelDefinition` (or anything with name, architecture, weights, init_seed).
+    A weights file is checked with :func:`sbssl.models.verify_weights` against the zoo's digests and the
+    weights lock ``lock_path`` (required for a pretrained model), which gives its sha256.
+    """
+    base = {"model": model.name, "architecture": model.architecture}
+    if model.weights is None:
+        if weights_path is not None:
+            raise ValueError(f"model {model.name!r} is randomly initialised; do not pass weights ({weights_path})")
+        return {**base, "weights_sha256": f"random-init-seed-{model.init_seed}"}
     if weights_path is None:
-        raise ValueError(f"model {spec.name!r} needs its weights file (fetch it with `sbssl fetch-weights`)")
-    return {"model": spec.name, "weights_sha256": sha256_file(weights_path)}
+        raise ValueError(f"model {model.name!r} needs its weights file (fetch it with `sbssl fetch-weights`)")
+    if lock_path is None:
+        raise ValueError(f"model {model.name!r}: give the weights lock (config key weights_lock) to verify {weights_path}")
+    from sbssl.models import verify_weights
+
+    return {**base, "weights_sha256": verify_weights(model, weights_path, lock_path)}
 
 
 def embed_model(
-    spec: ModelSpec,
+    model: ModelDefinition,
     weights_path: str | os.PathLike[str] | None,
     manifest_path: str | os.PathLike[str],
     stimuli_root: str | os.PathLike[str],
     out_paths: Mapping[str, str | os.PathLike[str]],
-    **options,
+    *,
+    lock_path: str | os.PathLike[str] | None = None,
+    **options: Any,
 ) -> EmbeddingReport:
     """Embed the distinct images of a stimuli manifest with a zoo model: :func:`embed_layers` on
-    ``sbssl.stimuli.distinct_images`` (paths resolved under ``stimuli_root``), the model built with
-    ``sbssl.models.build_model`` only when something must be computed. ``options`` go to :func:`embed_layers`
-    (layers, preprocessing, pooling, batch_size, device, dtype, progress)."""
+    ``sbssl.stimuli.distinct_images`` (paths resolved under ``stimuli_root``), the weights verified first
+    (:func:`embedding_attrs`, with ``lock_path``), the model built with ``sbssl.models.build_model`` only when
+    something must be computed. ``options`` go to :func:`embed_layers` (layers, preprocessing, pooling,
+    batch_size, device, dtype, permute, progress)."""
     from sbssl.models import build_model
     from sbssl.stimuli import distinct_images, read_manifest
 
     root = Path(stimuli_root)
     images = [(row.sha256, root / row.path) for row in distinct_images(read_manifest(manifest_path)).itertuples()]
-    return embed_layers(
-        lambda: build_model(spec, weights_path), images, out_paths, attrs=embedding_attrs(spec, weights_path),
-        **options,
-    )
+    attrs = embedding_attrs(model, weights_path, lock_path=lock_path)
+    return embed_layers(lambda: build_model(model, weights_path), images, out_paths, attrs=attrs, **options)

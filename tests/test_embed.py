@@ -11,8 +11,17 @@ from PIL import Image
 from torchvision.models import resnet50
 
 from sbssl.cli import build_parser, main
-from sbssl.embed import IMAGENET_MEAN, IMAGENET_STD, PREPROCESSING, embed_layers
+from sbssl.embed import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PREPROCESSING,
+    embed_layers,
+    embed_model,
+    embedding_attrs,
+    permute_positions,
+)
 from sbssl.layers import LAYERS
+from sbssl.provenance import provenance
 from sbssl.similarity import read_similarity
 from sbssl.stimuli import build_manifest, load_image, sha256_file, write_manifest
 
@@ -164,9 +173,10 @@ def reference_layers(model: torch.nn.Module, images) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def flat16(model, images, tmp_path_factory):
-    """One float16/flatten extraction of the 3 images in batches of 2, with its forward-call count."""
-    folder = tmp_path_factory.mktemp("flat16")
+def flat32(model, images, tmp_path_factory):
+    """One extraction with the defaults (flatten, float32) of the 3 images in batches of 2, with its
+    forward-call count."""
+    folder = tmp_path_factory.mktemp("flat32")
     counter = ForwardCounter(model)
     try:
         report = embed_layers(model, images, out_paths(folder), attrs=ATTRS, batch_size=2, progress=False)
@@ -175,15 +185,15 @@ def flat16(model, images, tmp_path_factory):
     return folder, report, counter
 
 
-def test_one_forward_pass_per_batch_captures_all_six_layers(flat16, images):
-    folder, report, counter = flat16
+def test_one_forward_pass_per_batch_captures_all_six_layers(flat32, images):
+    folder, report, counter = flat32
     assert counter.calls == 2 and counter.images == 3  # ceil(3 / 2) forward calls, each image once
     assert report.batches == 2 and report.forward_passes == 3 and report.n_images == 3
     assert report.computed_layers == LAYERS and report.reused_layers == ()
     for layer, (c, h, w) in SHAPES.items():
         with h5py.File(folder / f"{layer}.h5") as f:
             assert f["embeddings"].shape == (3, c * h * w)
-            assert f["embeddings"].dtype == np.float16
+            assert f["embeddings"].dtype == np.float32  # the default: float16 shifts p-values
             assert f["embeddings"].chunks[1] == c * h * w  # row-chunked
             assert f["embeddings"].compression == "lzf"
             assert [s.decode() for s in f["sha256"][()]] == [sha for sha, _ in images]
@@ -192,35 +202,37 @@ def test_one_forward_pass_per_batch_captures_all_six_layers(flat16, images):
     assert not list(folder.glob(".*"))  # no temporary files left
 
 
-def test_hooked_layers_equal_running_the_children_by_hand(flat16, model, images):
-    folder, _, _ = flat16
+def test_hooked_layers_equal_running_the_children_by_hand(flat32, model, images):
+    folder, _, _ = flat32
     reference = reference_layers(model, images)
     for layer in LAYERS:
         with h5py.File(folder / f"{layer}.h5") as f:
-            stored = f["embeddings"][()].astype(np.float32)
+            stored = f["embeddings"][()]
         expected = reference[layer].reshape(3, -1)  # flatten in (C, H, W) order
-        # float16 keeps 11 significant bits: relative error <= 2^-11, plus a batch-dependent fp32 ulp.
-        np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=1e-6)
+        # Only batch-dependent float32 rounding (batches of 2 here, one batch of 3 in the reference).
+        np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)
         assert np.abs(expected).max() > 0.1  # real activations, not an all-zero map
 
 
-def test_attributes_record_the_request(flat16):
-    folder, _, _ = flat16
+def test_attributes_record_the_request(flat32):
+    folder, _, _ = flat32
     with h5py.File(folder / "layer2.h5") as f:
         attrs = dict(f.attrs)
     assert {k: attrs[k] for k in ("model", "weights_sha256", "preprocessing", "layer", "pooling", "dtype")} == {
-        **ATTRS, "preprocessing": "sbssl", "layer": "layer2", "pooling": "flatten", "dtype": "float16",
+        **ATTRS, "preprocessing": "sbssl", "layer": "layer2", "pooling": "flatten", "dtype": "float32",
     }  # fmt: skip
+    assert attrs["permute"] == "none" and attrs["permuted_images"] == 0
+    assert {k: attrs[k] for k in ("sbssl_version", "code_digest")} == provenance("embed")
     import json
 
     versions = json.loads(attrs["versions"])
     assert versions["torch"] == torch.__version__ and set(versions) >= {"torchvision", "h5py", "numpy", "sbssl"}
 
 
-def test_mean_pooling_float32_is_the_spatial_mean_of_the_map(model, images, tmp_path):
+def test_mean_pooling_float16_is_the_spatial_mean_of_the_map(model, images, tmp_path):
     layers = ("maxpool", "layer3", "avgpool")
     report = embed_layers(
-        model, images, out_paths(tmp_path, layers), attrs=ATTRS, layers=layers, pooling="mean", dtype="float32",
+        model, images, out_paths(tmp_path, layers), attrs=ATTRS, layers=layers, pooling="mean", dtype="float16",
         batch_size=4, progress=False,
     )  # fmt: skip
     assert report.batches == 1
@@ -228,13 +240,35 @@ def test_mean_pooling_float32_is_the_spatial_mean_of_the_map(model, images, tmp_
     for layer in layers:
         with h5py.File(tmp_path / f"{layer}.h5") as f:
             stored = f["embeddings"][()]
-            assert f.attrs["pooling"] == "mean" and f.attrs["dtype"] == "float32"
-        assert stored.dtype == np.float32 and stored.shape == (3, SHAPES[layer][0])
-        np.testing.assert_allclose(stored, reference[layer].mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+            assert f.attrs["pooling"] == "mean" and f.attrs["dtype"] == "float16"
+        assert stored.dtype == np.float16 and stored.shape == (3, SHAPES[layer][0])
+        # float16 keeps 11 significant bits: relative error <= 2^-11.
+        np.testing.assert_allclose(stored, reference[layer].mean(axis=(2, 3)), rtol=1e-3, atol=1e-6)
 
 
-def test_cache_hit_does_no_work(flat16, model, images):
-    folder, _, _ = flat16
+def test_a_module_modified_in_place_later_is_stored_as_it_left_the_module(model, images, tmp_path):
+    # Bottleneck.forward does `out = self.bn3(out); out += identity; out = self.relu(out)`: the bn3 output
+    # is modified in place after the hook has seen it, so the hook must keep a copy.
+    block = model.layer1[0]
+    report = embed_layers(
+        model, images, {"layer1.0.bn3": tmp_path / "bn3.h5"}, attrs=ATTRS, layers=["layer1.0.bn3"], batch_size=3,
+        progress=False,
+    )  # fmt: skip
+    assert report.computed_layers == ("layer1.0.bn3",)
+    x = torch.stack([PREPROCESSING["sbssl"](load_image(p)) for _, p in images])
+    with torch.inference_mode():
+        h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        h = block.relu(block.bn1(block.conv1(h)))
+        h = block.relu(block.bn2(block.conv2(h)))
+        expected = block.bn3(block.conv3(h)).flatten(1).numpy()
+    with h5py.File(tmp_path / "bn3.h5") as f:
+        stored = f["embeddings"][()]
+    assert (expected < 0).mean() > 0.1  # a ReLU applied in place afterwards would have zeroed these
+    np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cache_hit_does_no_work(flat32, model, images):
+    folder, _, _ = flat32
     before = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
     built = []
 
@@ -253,8 +287,8 @@ def test_cache_hit_does_no_work(flat16, model, images):
     assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
 
-def test_only_missing_layers_are_computed(flat16, model, images, tmp_path):
-    folder, _, _ = flat16
+def test_only_missing_layers_are_computed(flat32, model, images, tmp_path):
+    folder, _, _ = flat32
     for layer in LAYERS:
         shutil.copy(folder / f"{layer}.h5", tmp_path / f"{layer}.h5")
     (tmp_path / "layer3.h5").unlink()
@@ -268,8 +302,8 @@ def test_only_missing_layers_are_computed(flat16, model, images, tmp_path):
         np.testing.assert_array_equal(new["embeddings"][()], old["embeddings"][()])
 
 
-def test_a_different_image_list_is_recomputed(flat16, model, images, tmp_path):
-    folder, _, _ = flat16
+def test_a_different_image_list_is_recomputed(flat32, model, images, tmp_path):
+    folder, _, _ = flat32
     shutil.copy(folder / "avgpool.h5", tmp_path / "avgpool.h5")
     report = embed_layers(
         model, images[:2], out_paths(tmp_path, ["avgpool"]), attrs=ATTRS, layers=["avgpool"], progress=False
@@ -284,17 +318,50 @@ def test_a_different_image_list_is_recomputed(flat16, model, images, tmp_path):
     [
         ({"preprocessing": "standard"}, "preprocessing"),
         ({"pooling": "mean"}, "pooling"),
-        ({"dtype": "float32"}, "dtype"),
+        ({"dtype": "float16"}, "dtype"),
         ({"attrs": {**ATTRS, "weights_sha256": "cd" * 32}}, "weights_sha256"),
     ],
 )
-def test_mismatched_cache_is_an_error_not_a_reuse(flat16, model, images, change, attr):
-    folder, _, _ = flat16
+def test_mismatched_cache_is_an_error_not_a_reuse(flat32, model, images, change, attr):
+    folder, _, _ = flat32
     before = (folder / "maxpool.h5").stat().st_mtime_ns
     kwargs = {"attrs": ATTRS, **change}
     with pytest.raises(ValueError, match=rf"maxpool\.h5: cached embeddings have {attr}=.*delete the file"):
         embed_layers(model, images, out_paths(folder), progress=False, **kwargs)
     assert (folder / "maxpool.h5").stat().st_mtime_ns == before
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_cache_file_is_recomputed(flat32, model, images, tmp_path):
+    folder, _, _ = flat32
+    shutil.copy(folder / "avgpool.h5", tmp_path / "avgpool.h5")
+    truncate(tmp_path / "avgpool.h5")
+    with pytest.raises(OSError):
+        h5py.File(tmp_path / "avgpool.h5", "r")  # really unreadable
+    report = embed_layers(
+        model, images, out_paths(tmp_path, ["avgpool"]), attrs=ATTRS, layers=["avgpool"], batch_size=2, progress=False
+    )
+    assert report.computed_layers == ("avgpool",)
+    with h5py.File(tmp_path / "avgpool.h5") as new, h5py.File(folder / "avgpool.h5") as old:
+        np.testing.assert_array_equal(new["embeddings"][()], old["embeddings"][()])
+
+
+def test_a_cache_file_from_other_code_is_recomputed(flat32, model, images, tmp_path):
+    folder, _, _ = flat32
+    shutil.copy(folder / "avgpool.h5", tmp_path / "avgpool.h5")
+    with h5py.File(tmp_path / "avgpool.h5", "a") as f:
+        f.attrs["code_digest"] = "0000000000000000"
+        f.attrs["pooling"] = "mean"  # other code may have written anything: no mismatch error either
+    report = embed_layers(
+        model, images, out_paths(tmp_path, ["avgpool"]), attrs=ATTRS, layers=["avgpool"], batch_size=2, progress=False
+    )
+    assert report.computed_layers == ("avgpool",)
+    with h5py.File(tmp_path / "avgpool.h5") as f:
+        assert f.attrs["code_digest"] == provenance("embed")["code_digest"] and f.attrs["pooling"] == "flatten"
 
 
 def test_failure_midway_leaves_no_output(model, images, tmp_path):
@@ -324,6 +391,136 @@ def test_bad_requests(model, images, tmp_path):
     with pytest.raises(ValueError, match="out_paths names layers"):
         embed_layers(model, images, out_paths(tmp_path, ["layer1"]), attrs=ATTRS)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the pixel-permutation control on the network input ----------------------------------------------------
+
+
+def test_permute_positions_moves_whole_pixels_and_is_seeded():
+    image = torch.rand(3, 224, 224)
+    sha = "ab" * 32
+    out = permute_positions(image, sha, 5)
+    assert out.shape == image.shape and not torch.equal(out, image)
+    for c in range(3):  # the multiset of values of each channel is kept
+        assert torch.equal(out[c].flatten().sort().values, image[c].flatten().sort().values)
+    # all three channels move together: each output position holds one input pixel's (r, g, b)
+    pixels = {tuple(v) for v in image.reshape(3, -1).T.tolist()}
+    assert all(tuple(v) in pixels for v in out.reshape(3, -1).T.tolist())
+    assert torch.equal(permute_positions(image, sha, 5), out)
+    assert not torch.equal(permute_positions(image, sha, 6), out)
+    assert not torch.equal(permute_positions(image, "cd" * 32, 5), out)
+
+
+class InputRecorder:
+    """Records the network input of each image (a real forward pre-hook on the model)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.batches: list[torch.Tensor] = []
+        self._handle = model.register_forward_pre_hook(lambda _m, inputs: self.batches.append(inputs[0].clone()))
+
+    def by_image(self, images) -> dict[str, torch.Tensor]:
+        rows = torch.cat(self.batches)
+        self._handle.remove()
+        return {sha: rows[i] for i, (sha, _) in enumerate(images)}
+
+
+def test_permute_shuffles_only_the_chosen_images_inputs(model, images, tmp_path):
+    layers = ["layer4", "avgpool"]
+    target = images[0][0]
+
+    def run(folder, imgs, batch_size, permute):
+        recorder = InputRecorder(model)
+        embed_layers(model, imgs, out_paths(folder, layers), attrs=ATTRS, layers=layers, batch_size=batch_size,
+                     permute=permute, progress=False)  # fmt: skip
+        return recorder.by_image(imgs)
+
+    plain = run(tmp_path / "plain", images, 2, None)
+    permuted = run(tmp_path / "perm", images, 2, {target: 3})
+    again = run(tmp_path / "again", images[::-1], 3, {target: 3})  # other order, other batches
+    assert not torch.equal(permuted[target], plain[target])
+    assert torch.equal(permuted[target], permute_positions(plain[target], target, 3))
+    assert all(torch.equal(again[sha], permuted[sha]) for sha, _ in images)
+    for sha, _ in images[1:]:
+        assert torch.equal(permuted[sha], plain[sha])
+    for layer in layers:
+        with h5py.File(tmp_path / "plain" / f"{layer}.h5") as f, h5py.File(tmp_path / "perm" / f"{layer}.h5") as g:
+            a, b = f["embeddings"][()], g["embeddings"][()]
+            assert g.attrs["permute"].startswith("input-pixels sha256:") and g.attrs["permuted_images"] == 1
+        assert not np.array_equal(a[0], b[0])  # the permuted image's embedding changed
+        assert a[1:].tobytes() == b[1:].tobytes()  # the others are byte-identical
+    # Same seed, same bytes; and the permutation is part of the cache identity.
+    rerun = tmp_path / "rerun"
+    run(rerun, images, 2, {target: 3})
+    with h5py.File(rerun / "avgpool.h5") as f, h5py.File(tmp_path / "perm" / "avgpool.h5") as g:
+        assert f["embeddings"][()].tobytes() == g["embeddings"][()].tobytes()
+        assert f.attrs["permute"] == g.attrs["permute"]
+    with pytest.raises(ValueError, match=r"layer4\.h5: cached embeddings have permute='input-pixels.*asks for permute='none'"):
+        embed_layers(model, images, out_paths(rerun, layers), attrs=ATTRS, layers=layers, progress=False)
+    with pytest.raises(ValueError, match="layer4\\.h5: cached embeddings have permute=.*asks for permute='input-pixels"):
+        embed_layers(model, images, out_paths(rerun, layers), attrs=ATTRS, layers=layers, permute={target: 4},
+                     progress=False)  # fmt: skip
+
+
+def test_permute_must_name_images_being_embedded(model, images, tmp_path):
+    with pytest.raises(ValueError, match="permute names 1 image.*not among the images"):
+        embed_layers(model, images, out_paths(tmp_path), attrs=ATTRS, permute={"0" * 64: 1}, progress=False)
+    with pytest.raises(ValueError, match="non-negative integers"):
+        embed_layers(model, images, out_paths(tmp_path), attrs=ATTRS, permute={images[0][0]: -1}, progress=False)
+
+
+# --- model identity ------------------------------------------------------------------------------------------
+
+
+def test_embedding_attrs_of_a_random_model():
+    from sbssl.models import ModelDefinition
+
+    definition = ModelDefinition(name="random_9", architecture="resnet50", weights=None, init_seed=9)
+    assert embedding_attrs(definition) == {
+        "model": "random_9", "architecture": "resnet50", "weights_sha256": "random-init-seed-9",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="randomly initialised; do not pass weights"):
+        embedding_attrs(definition, "x.pth")
+
+
+def test_embedding_attrs_verify_the_weights_file(tmp_path):
+    import hashlib
+
+    from sbssl.models import ModelDefinition, WeightsSpec
+
+    checkpoint = tmp_path / "m.pth"
+    checkpoint.write_bytes(b"not really a checkpoint, but hashed like one")
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    weights = WeightsSpec(url="https://example.org/m.pth", format="torchvision", sha256=digest)
+    definition = ModelDefinition(name="m", architecture="resnet50", weights=weights, init_seed=None)
+    lock = tmp_path / "weights.lock"
+    assert embedding_attrs(definition, checkpoint, lock_path=lock)["weights_sha256"] == digest
+    assert digest in lock.read_text()  # first use recorded in the lock
+    checkpoint.write_bytes(b"another file")
+    with pytest.raises(ValueError, match=r"m\.pth: not the checkpoint of model 'm'"):
+        embedding_attrs(definition, checkpoint, lock_path=lock)
+    with pytest.raises(ValueError, match="give the weights lock"):
+        embedding_attrs(definition, checkpoint)
+    with pytest.raises(ValueError, match="needs its weights file"):
+        embedding_attrs(definition, None, lock_path=lock)
+
+
+def test_embed_model_with_a_definition_and_the_control_permutation(images, tmp_path):
+    from sbssl.models import ModelDefinition
+
+    root = tmp_path / "stimuli"
+    (root / "cat" / "concept").mkdir(parents=True)
+    for _, path in images:
+        shutil.copy(path, root / "cat" / "concept" / path.name)
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(build_manifest(root), manifest)
+    definition = ModelDefinition(name="random_7", architecture="resnet50", weights=None, init_seed=7)
+    out = {"avgpool": tmp_path / "avgpool.h5"}
+    report = embed_model(definition, None, manifest, root, out, layers=["avgpool"], permute={images[1][0]: 0},
+                         progress=False)  # fmt: skip
+    assert report.n_images == 3 and report.computed_layers == ("avgpool",)
+    with h5py.File(out["avgpool"]) as f:
+        assert f.attrs["architecture"] == "resnet50" and f.attrs["weights_sha256"] == "random-init-seed-7"
+        assert f.attrs["permuted_images"] == 1 and f["embeddings"].dtype == np.float32
 
 
 # --- end to end on real stimuli ----------------------------------------------------------------------------
