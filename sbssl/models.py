@@ -1,5 +1,10 @@
 """The model zoo (``config/models.yaml``), verified weight downloads, checkpoint conversion, model building.
 
+A zoo entry (:class:`ModelSpec`) holds labels used at table time and a :class:`ModelDefinition`, the part
+that the numbers depend on; jobs get only the latter (:func:`model_definition_dict`). Checkpoints are
+trusted on first fetch and pinned: the weights lock (``config/weights.lock``, :func:`read_weights_lock`)
+keeps each model's URL and full sha256, and :func:`verify_weights` checks the file on every use.
+
 Every model is a torchvision ResNet-50. Checkpoints from the SSL libraries are converted into torchvision's
 state_dict key names (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), then loaded strictly: every
 backbone tensor must be present with the right shape, nothing unknown may be left over, and only the
@@ -9,13 +14,17 @@ Checkpoints are always read with ``torch.load(..., weights_only=True)``: a downl
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import yaml
+
+from sbssl.io import read_yaml, write_text_atomic
 
 if TYPE_CHECKING:  # torch is imported lazily: loading the zoo must stay cheap for the DAG and the figures
     import torch
@@ -28,8 +37,12 @@ FORMATS = ("mmselfsup", "openselfsup", "vissl", "vissl_converted", "torchvision"
 
 _SLUG = re.compile(r"^[a-z0-9_]+$")
 _HEX = re.compile(r"^[0-9a-f]+$")
-_MODEL_KEYS = {"title", "family", "meta_group", "imagenet_top1", "architecture", "weights", "init_seed"}
+_LABEL_KEYS = {"title", "family", "meta_group", "imagenet_top1"}
+_DEFINITION_KEYS = {"architecture", "weights", "init_seed"}
+_MODEL_KEYS = _LABEL_KEYS | _DEFINITION_KEYS
 _WEIGHTS_KEYS = {"url", "sha256", "sha256_prefix", "md5_prefix", "format"}
+#: URL schemes a zoo may name. Not http://: its bytes can be altered in transit, and a checkpoint is code-adjacent.
+URL_SCHEMES = ("https://", "file://")
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,21 @@ class WeightsSpec:
 
 
 @dataclass(frozen=True)
+class ModelDefinition:
+    """Everything a model's numbers depend on, and nothing else: the zoo slug, the architecture, and either
+    the checkpoint (``weights``) or the random-init seed (``init_seed``), exactly one of them not None.
+
+    Labels (title, family, meta group, ImageNet accuracy) are not part of it: they are read from the zoo at
+    table time, so relabelling a model reruns no embedding or test.
+    """
+
+    name: str
+    architecture: str
+    weights: WeightsSpec | None
+    init_seed: int | None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One zoo entry. ``weights`` is None exactly for random models, which have an ``init_seed`` instead."""
 
@@ -60,92 +88,116 @@ class ModelSpec:
     weights: WeightsSpec | None
     init_seed: int | None
 
+    @property
+    def definition(self) -> ModelDefinition:
+        """What this model's numbers depend on (see :class:`ModelDefinition`)."""
+        return ModelDefinition(self.name, self.architecture, self.weights, self.init_seed)
 
-def _fail(path: Path, name: str, key: str, problem: str) -> ValueError:
-    return ValueError(f"{path}: model {name!r}, key {key!r}: {problem}")
+
+def _as_definition(model: ModelSpec | ModelDefinition) -> ModelDefinition:
+    return model.definition if isinstance(model, ModelSpec) else model
 
 
-def _hex_digest(path: Path, name: str, key: str, value: Any, length: int | None) -> str | None:
+def _fail(where: str | os.PathLike[str], name: str, key: str, problem: str) -> ValueError:
+    return ValueError(f"{where}: model {name!r}, key {key!r}: {problem}")
+
+
+def _hex_digest(where: str | os.PathLike[str], name: str, key: str, value: Any, length: int | None) -> str | None:
     if value is None:
         return None
     text = str(value).lower()
     if not _HEX.match(text) or (length is not None and len(text) != length) or len(text) < 4:
         want = f"{length} hex digits" if length else "at least 4 hex digits"
-        raise _fail(path, name, key, f"{value!r} is not a digest ({want})")
+        raise _fail(where, name, key, f"{value!r} is not a digest ({want})")
     return text
 
 
-def _weights_spec(path: Path, name: str, raw: Any) -> WeightsSpec:
+def _weights_spec(where: str | os.PathLike[str], name: str, raw: Any) -> WeightsSpec:
     if not isinstance(raw, Mapping):
-        raise _fail(path, name, "weights", "must be a mapping with url, format and a hash")
+        raise _fail(where, name, "weights", "must be a mapping with url, format and a hash")
     unknown = set(raw) - _WEIGHTS_KEYS
     if unknown:
-        raise _fail(path, name, f"weights.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(_WEIGHTS_KEYS)}")
+        raise _fail(where, name, f"weights.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(_WEIGHTS_KEYS)}")
     for key in ("url", "format"):
         if not raw.get(key):
-            raise _fail(path, name, f"weights.{key}", "is required")
+            raise _fail(where, name, f"weights.{key}", "is required")
     url = str(raw["url"])
-    if not url.startswith(("https://", "http://", "file://")):
-        raise _fail(path, name, "weights.url", f"{url!r} is not an http(s):// or file:// URL")
+    if not url.startswith(URL_SCHEMES):
+        raise _fail(
+            where, name, "weights.url",
+            f"{url!r} is not an https:// or file:// URL (plain http:// is refused: a download could be altered "
+            "in transit)",
+        )
     if raw["format"] not in FORMATS:
-        raise _fail(path, name, "weights.format", f"{raw['format']!r} is not one of {list(FORMATS)}")
+        raise _fail(where, name, "weights.format", f"{raw['format']!r} is not one of {list(FORMATS)}")
     return WeightsSpec(
         url=url,
         format=str(raw["format"]),
-        sha256=_hex_digest(path, name, "weights.sha256", raw.get("sha256"), 64),
-        sha256_prefix=_hex_digest(path, name, "weights.sha256_prefix", raw.get("sha256_prefix"), None),
-        md5_prefix=_hex_digest(path, name, "weights.md5_prefix", raw.get("md5_prefix"), None),
+        sha256=_hex_digest(where, name, "weights.sha256", raw.get("sha256"), 64),
+        sha256_prefix=_hex_digest(where, name, "weights.sha256_prefix", raw.get("sha256_prefix"), None),
+        md5_prefix=_hex_digest(where, name, "weights.md5_prefix", raw.get("md5_prefix"), None),
     )
 
 
-def _model_spec(path: Path, name: Any, raw: Any) -> ModelSpec:
+def _check_name(where: str | os.PathLike[str], name: Any) -> str:
     if not isinstance(name, str) or not _SLUG.match(name):
-        raise ValueError(f"{path}: model name {name!r} must be a slug (lower-case letters, digits, _)")
+        raise ValueError(f"{where}: model name {name!r} must be a slug (lower-case letters, digits, _)")
+    return name
+
+
+def _definition(where: str | os.PathLike[str], name: str, raw: Mapping[str, Any]) -> ModelDefinition:
+    """Validate the defining keys of a zoo entry (or of job params); other keys are the caller's concern."""
+    if not raw.get("architecture"):
+        raise _fail(where, name, "architecture", "is required")
+    if raw["architecture"] not in ARCHITECTURES:
+        raise _fail(where, name, "architecture", f"{raw['architecture']!r} is not one of {list(ARCHITECTURES)}")
+    has_weights, seed = raw.get("weights") is not None, raw.get("init_seed")
+    if has_weights == (seed is not None):
+        raise _fail(where, name, "weights", "give exactly one of weights (pretrained) or init_seed (random)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise _fail(where, name, "init_seed", f"{seed!r} is not a non-negative integer")
+    weights = _weights_spec(where, name, raw["weights"]) if has_weights else None
+    return ModelDefinition(name=name, architecture=str(raw["architecture"]), weights=weights, init_seed=seed)
+
+
+def _model_spec(path: Path, name: Any, raw: Any) -> ModelSpec:
+    name = _check_name(path, name)
     if not isinstance(raw, Mapping):
         raise _fail(path, name, "-", "the entry must be a mapping")
     unknown = set(raw) - _MODEL_KEYS
     if unknown:
         raise _fail(path, name, sorted(unknown)[0], f"unknown key; allowed: {sorted(_MODEL_KEYS)}")
-    for key in ("title", "family", "architecture"):
+    for key in ("title", "family"):
         if not raw.get(key):
             raise _fail(path, name, key, "is required")
     if raw["family"] not in FAMILIES:
         raise _fail(path, name, "family", f"{raw['family']!r} is not one of {list(FAMILIES)}")
-    if raw["architecture"] not in ARCHITECTURES:
-        raise _fail(path, name, "architecture", f"{raw['architecture']!r} is not one of {list(ARCHITECTURES)}")
     meta_group = raw.get("meta_group")
     if meta_group is not None and meta_group not in META_GROUPS:
         raise _fail(path, name, "meta_group", f"{meta_group!r} is not one of {list(META_GROUPS)} (or absent)")
     top1 = raw.get("imagenet_top1")
     if top1 is not None and (isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0 <= top1 <= 100):
         raise _fail(path, name, "imagenet_top1", f"{top1!r} is not a percentage in [0, 100] (or null)")
-    has_weights, seed = raw.get("weights") is not None, raw.get("init_seed")
-    if has_weights == (seed is not None):
-        raise _fail(path, name, "weights", "give exactly one of weights (pretrained) or init_seed (random)")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise _fail(path, name, "init_seed", f"{seed!r} is not a non-negative integer")
+    definition = _definition(path, name, raw)
     return ModelSpec(
         name=name,
         title=str(raw["title"]),
         family=str(raw["family"]),
         meta_group=meta_group,
         imagenet_top1=None if top1 is None else float(top1),
-        architecture=str(raw["architecture"]),
-        weights=_weights_spec(path, name, raw["weights"]) if has_weights else None,
-        init_seed=seed,
+        architecture=definition.architecture,
+        weights=definition.weights,
+        init_seed=definition.init_seed,
     )
 
 
 def load_zoo(path: str | os.PathLike[str]) -> dict[str, ModelSpec]:
     """Read and validate a zoo file (top key ``models:``); return ``{name: ModelSpec}`` in file order.
 
-    Errors name the file, the model and the key at fault.
+    Errors name the file, the model and the key at fault; a key repeated within a mapping is refused.
     """
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"model zoo {file} not found")
-    with open(file, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle)
+    data = read_yaml(file, "model zoo")
     if not isinstance(data, Mapping) or not isinstance(data.get("models"), Mapping) or not data["models"]:
         raise ValueError(f"{file}: expected a top-level 'models:' mapping of model name -> entry")
     extra = set(data) - {"models"}
@@ -154,31 +206,247 @@ def load_zoo(path: str | os.PathLike[str]) -> dict[str, ModelSpec]:
     return {str(name): _model_spec(file, name, raw) for name, raw in data["models"].items()}
 
 
-def model_spec_from_dict(data: Mapping[str, Any]) -> ModelSpec:
-    """Rebuild a ModelSpec from ``dataclasses.asdict(spec)`` (how the workflow hands a spec to a job)."""
-    fields = set(ModelSpec.__dataclass_fields__)
-    if set(data) != fields:
-        raise ValueError(f"not a model spec: keys {sorted(data)}, expected {sorted(fields)}")
-    weights = data["weights"]
-    return ModelSpec(**{**data, "weights": None if weights is None else WeightsSpec(**weights)})
+def model_definition_dict(model: ModelSpec | ModelDefinition) -> dict[str, Any]:
+    """The plain, JSON-able form of a model's definition: what the workflow puts in a job's params.
+
+    ``{"architecture": str, "weights": {"url", "format"[, "sha256", "sha256_prefix", "md5_prefix"]}}`` for a
+    pretrained model, ``{"architecture": str, "init_seed": int}`` for a random one: the defining keys of the
+    zoo entry, with absent (None) values left out so that a future optional key changes no existing job's
+    params. The name is not included: it is the job's ``{model}`` wildcard, already in every output path;
+    :func:`model_definition_from_dict` takes it separately.
+    """
+    definition = _as_definition(model)
+    out: dict[str, Any] = {"architecture": definition.architecture}
+    if definition.weights is not None:
+        out["weights"] = {k: v for k, v in asdict(definition.weights).items() if v is not None}
+    if definition.init_seed is not None:
+        out["init_seed"] = definition.init_seed
+    return out
+
+
+def model_definition_from_dict(name: str, data: Mapping[str, Any]) -> ModelDefinition:
+    """Rebuild and validate a :class:`ModelDefinition` from :func:`model_definition_dict` output and the
+    model's name (a job's wildcard). The keys and values are checked as in a zoo file (an unknown key, such
+    as a label like ``title``, is an error); errors name the model and the key."""
+    where = "model definition (job params)"
+    name = _check_name(where, name)
+    if not isinstance(data, Mapping):
+        raise _fail(where, name, "-", f"expected a mapping, got {type(data).__name__}")
+    unknown = set(data) - _DEFINITION_KEYS
+    if unknown:
+        raise _fail(where, name, sorted(unknown)[0], f"not a defining key; allowed: {sorted(_DEFINITION_KEYS)}")
+    return _definition(where, name, data)
+
+
+# --- the weights lock -----------------------------------------------------------------------------------------
+
+_LOCK_HEADER = """\
+# Full sha256 digest of every model checkpoint sbssl has fetched or used, one entry per model, sorted by name.
+# Written by sbssl (sbssl.models) on a model's first successful fetch or use; every later fetch and use of
+# pretrains/<model>.pth is checked against it, so a replaced or re-published file cannot change results
+# unnoticed. Keep this file under version control. To accept a new checkpoint for a model on purpose (a new
+# URL in the zoo, a re-published file), delete that model's entry here and fetch again.
+"""
+
+
+@dataclass(frozen=True)
+class LockedWeights:
+    """One weights-lock entry: the URL a model's checkpoint was fetched from and its full sha256 (hex)."""
+
+    url: str
+    sha256: str
+
+
+def read_weights_lock(path: str | os.PathLike[str]) -> dict[str, LockedWeights]:
+    """The weights lock (YAML: ``<model>: {url: ..., sha256: <64 hex>}``); ``{}`` when the file is absent.
+
+    Repeated keys, unknown keys and malformed digests are errors naming the file, the model and the key.
+    """
+    file = Path(path)
+    if not file.exists():
+        return {}
+    data = read_yaml(file, "weights lock")
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{file}: expected a mapping of model name -> {{url, sha256}}")
+    entries = {}
+    for name, raw in data.items():
+        name = _check_name(file, name)
+        if not isinstance(raw, Mapping) or set(raw) != {"url", "sha256"}:
+            keys = sorted(raw) if isinstance(raw, Mapping) else type(raw).__name__
+            raise _fail(file, name, "-", f"expected exactly the keys ['sha256', 'url'], got {keys}")
+        if not isinstance(raw["url"], str) or not raw["url"]:
+            raise _fail(file, name, "url", f"{raw['url']!r} is not a URL")
+        sha256 = _hex_digest(file, name, "sha256", raw["sha256"], 64)
+        entries[name] = LockedWeights(url=raw["url"], sha256=str(sha256))
+    return entries
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the sidecar ``.<lock>.flock`` (concurrent fetch jobs serialise here)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path.with_name(f".{lock_path.name}.flock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _checked_entry(definition: ModelDefinition, lock_path: Path, entry: LockedWeights | None) -> LockedWeights | None:
+    """``entry`` after checking that it still describes the zoo's checkpoint: same URL, same full sha256."""
+    weights = definition.weights
+    assert weights is not None
+    if entry is None:
+        return None
+    remedy = (
+        f"if the change is deliberate, delete the entry {definition.name!r} from {lock_path} and fetch again; "
+        "otherwise restore the zoo entry"
+    )
+    if entry.url != weights.url:
+        raise ValueError(
+            f"model {definition.name!r}: the zoo's weights URL {weights.url} differs from the one locked in "
+            f"{lock_path} ({entry.url}, sha256 {entry.sha256}); {remedy}"
+        )
+    if weights.sha256 is not None and weights.sha256 != entry.sha256:
+        raise ValueError(
+            f"model {definition.name!r}: the zoo's weights sha256 {weights.sha256} differs from the one locked "
+            f"in {lock_path} ({entry.sha256}); {remedy}"
+        )
+    return entry
+
+
+def _record(definition: ModelDefinition, lock_path: Path, sha256: str) -> None:
+    """Add ``definition``'s entry to the lock unless present (then it must agree): under the flock, re-read,
+    merge, atomic rewrite, so that concurrent writers each keep the others' entries."""
+    from sbssl.download import HashMismatchError
+
+    weights = definition.weights
+    assert weights is not None
+    with _exclusive(lock_path):
+        entries = read_weights_lock(lock_path)
+        present = _checked_entry(definition, lock_path, entries.get(definition.name))
+        if present is not None:
+            if present.sha256 != sha256:
+                raise HashMismatchError(
+                    f"model {definition.name!r}: {lock_path} was meanwhile given sha256 {present.sha256} for "
+                    f"{weights.url}, but the file here has {sha256}; delete the file and fetch again"
+                )
+            return
+        entries[definition.name] = LockedWeights(url=weights.url, sha256=sha256)
+        body = yaml.safe_dump(
+            {name: asdict(entries[name]) for name in sorted(entries)}, sort_keys=True, width=10_000
+        )
+        write_text_atomic(lock_path, _LOCK_HEADER + body)
+
+
+def verify_weights(
+    model: ModelSpec | ModelDefinition, path: str | os.PathLike[str], lock_path: str | os.PathLike[str]
+) -> str:
+    """Check a model's checkpoint file and return its full sha256 (64 lower-case hex digits).
+
+    The file must match every digest the zoo gives (``sha256``, ``sha256_prefix``, ``md5_prefix``) and the
+    weights lock's entry for the model (see :func:`read_weights_lock`), whose URL must be the zoo's. A file
+    that passes the zoo's digests but has no lock entry yet gets one now: from then on, only that exact file
+    is accepted. A model with neither a zoo digest nor a lock entry cannot be checked and is refused until
+    :func:`fetch_weights` has downloaded it from the zoo's URL and recorded it.
+    Digests come from :func:`sbssl.download.file_digests`, so each version of the file is hashed once.
+
+    This is the one check to call wherever a checkpoint is used. Raises HashMismatchError (a ValueError)
+    naming the file, the expected and actual digests and the remedy; ValueError for a random model, an
+    unverifiable file, or a zoo entry that disagrees with the lock; FileNotFoundError if the file is absent.
+    """
+    return _verify(_as_definition(model), Path(path), Path(lock_path), downloaded=False)
+
+
+def _verify(definition: ModelDefinition, file: Path, lock: Path, *, downloaded: bool) -> str:
+    """:func:`verify_weights`; ``downloaded``: ``file`` was just fetched from the zoo's URL, so that with no
+    digest known at all it is the first trusted copy and is locked."""
+    from sbssl.download import HashMismatchError, digest_problems, file_digests
+
+    weights = _require_weights(definition)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {file} of model {definition.name!r} not found (fetch it with "
+            f"`sbssl fetch-weights --model {definition.name}`)"
+        )
+    entry = _checked_entry(definition, lock, read_weights_lock(lock).get(definition.name))
+    if entry is None and not downloaded and not _zoo_digests(weights):
+        raise ValueError(
+            f"{file}: model {definition.name!r} has no digest in the zoo and no entry in {lock}, so this file "
+            f"cannot be verified; fetch it with `sbssl fetch-weights --model {definition.name}` (downloads it "
+            f"and records its sha256 in {lock}), or give its sha256 in the zoo"
+        )
+    digests = file_digests(file)
+    problems = digest_problems(
+        digests, sha256=weights.sha256, sha256_prefix=weights.sha256_prefix, md5_prefix=weights.md5_prefix
+    )
+    if entry is not None and entry.sha256 != digests["sha256"]:
+        problems.append(f"sha256 expected {entry.sha256} (locked in {lock}), got {digests['sha256']}")
+    if problems:
+        raise HashMismatchError(
+            f"{file}: not the checkpoint of model {definition.name!r} ({weights.url}): {'; '.join(problems)}. "
+            f"Delete {file} and fetch it again (`sbssl fetch-weights --model {definition.name}`); if the zoo "
+            "entry is what is wrong, fix the zoo (and delete the model's lock entry)"
+        )
+    if entry is None:
+        _record(definition, lock, digests["sha256"])
+    return digests["sha256"]
+
+
+def _zoo_digests(weights: WeightsSpec) -> bool:
+    return any((weights.sha256, weights.sha256_prefix, weights.md5_prefix))
+
+
+def _require_weights(definition: ModelDefinition) -> WeightsSpec:
+    if definition.weights is None:
+        raise ValueError(
+            f"model {definition.name!r} is randomly initialised (init_seed {definition.init_seed}); it has no weights"
+        )
+    return definition.weights
 
 
 def fetch_weights(
-    spec: ModelSpec, dest_dir: str | os.PathLike[str], *, retries: int = 3, timeout: float = 60, progress: bool = True
+    model: ModelSpec | ModelDefinition,
+    dest_dir: str | os.PathLike[str],
+    lock_path: str | os.PathLike[str],
+    *,
+    retries: int = 3,
+    timeout: float = 60,
+    progress: bool = True,
 ) -> Path:
-    """Download ``spec``'s checkpoint to ``dest_dir/<name>.pth``, verified against every known digest.
+    """Download a model's checkpoint to ``dest_dir/<name>.pth`` and verify it (:func:`verify_weights`).
 
-    A present file that verifies is not downloaded again (see :func:`sbssl.download.download`).
+    - The zoo's URL must be the one in the weights lock ``lock_path`` (checked before any download).
+    - A present file that verifies against the lock or the zoo's digests is returned at once: no network,
+      hashed at most once per file version. A present file with nothing to verify it against (no zoo digest,
+      no lock entry) is not trusted: the file is downloaded again.
+    - A download (:func:`sbssl.download.download`: retries, atomic rename) is checked against the zoo's
+      digests and the lock's sha256 before it replaces anything, so a present file that does not verify is
+      replaced only by one that does.
+    - The first successful fetch of a model records its full sha256 in the lock.
     """
-    from sbssl.download import download
+    from sbssl.download import HashMismatchError, download
 
-    if spec.weights is None:
-        raise ValueError(f"model {spec.name!r} is randomly initialised (init_seed {spec.init_seed}); it has no weights")
-    w = spec.weights
-    return download(
-        w.url, Path(dest_dir) / f"{spec.name}.pth", sha256=w.sha256, sha256_prefix=w.sha256_prefix,
-        md5_prefix=w.md5_prefix, retries=retries, timeout=timeout, progress=progress,
+    definition = _as_definition(model)
+    weights = _require_weights(definition)
+    target, lock = Path(dest_dir) / f"{definition.name}.pth", Path(lock_path)
+    entry = _checked_entry(definition, lock, read_weights_lock(lock).get(definition.name))
+    if target.is_file() and (entry is not None or _zoo_digests(weights)):
+        try:
+            _verify(definition, target, lock, downloaded=False)
+            return target
+        except HashMismatchError:
+            pass  # downloaded below; the file is replaced only by one that verifies
+    download(
+        weights.url, target, sha256=weights.sha256 or (entry.sha256 if entry else None),
+        sha256_prefix=weights.sha256_prefix, md5_prefix=weights.md5_prefix, retries=retries, timeout=timeout,
+        progress=progress, keep_present=False,
     )
+    _verify(definition, target, lock, downloaded=True)
+    return target
 
 
 def _strip(state: Mapping[str, Any], prefix: str, *, keep_others: bool) -> dict[str, Any]:
@@ -315,16 +583,20 @@ def load_checkpoint(path: str | os.PathLike[str], fmt: str) -> dict[str, "torch.
         raise ValueError(f"{file}: {exc}") from exc
 
 
-def build_model(spec: ModelSpec, weights_path: str | os.PathLike[str] | None = None) -> "torch.nn.Module":
+def build_model(
+    model: ModelSpec | ModelDefinition, weights_path: str | os.PathLike[str] | None = None
+) -> "torch.nn.Module":
     """A torchvision ``resnet50`` in eval mode: seeded random init, or ``weights_path`` loaded strictly.
 
     Random models are torchvision's own init seeded with ``init_seed``; a classifier absent from a checkpoint
     is initialised with seed 0. Both happen inside a forked RNG, leaving the caller's global torch RNG untouched.
-    Missing or unexpected keys and shape mismatches raise ValueError listing the keys by name.
+    Missing or unexpected keys and shape mismatches raise ValueError listing the keys by name. The file is
+    not hashed here: callers check it with :func:`verify_weights` (once per file version, cached).
     """
     import torch
     from torchvision.models import resnet50
 
+    spec = _as_definition(model)
     if spec.architecture not in ARCHITECTURES:
         raise ValueError(f"model {spec.name!r}: architecture {spec.architecture!r} is not supported")
     if spec.weights is None:

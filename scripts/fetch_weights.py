@@ -1,10 +1,12 @@
-"""Download one model's checkpoint into pretrains/, verified and atomic (sbssl.models)."""
+"""Download one model's checkpoint into pretrains/, verified against the zoo and the weights lock, atomic
+(sbssl.models). params: model = model_definition_dict(...) of this job's model, weights_lock = lock path."""
 from pathlib import Path
 
 from sbssl.io import job_log
-from sbssl.models import fetch_weights, model_spec_from_dict
+from sbssl.models import fetch_weights, model_definition_from_dict
 
 with job_log(snakemake.log[0]):
-    path = fetch_weights(model_spec_from_dict(snakemake.params.model), Path(snakemake.output[0]).parent)
+    definition = model_definition_from_dict(snakemake.wildcards.model, snakemake.params.model)
+    path = fetch_weights(definition, Path(snakemake.output[0]).parent, snakemake.params.weights_lock)
     if path != Path(snakemake.output[0]):
         raise RuntimeError(f"fetch_weights wrote {path}, the workflow expects {snakemake.output[0]}")

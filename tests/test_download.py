@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 import threading
 from collections import Counter
@@ -12,7 +13,7 @@ from typing import Iterator
 import pandas as pd
 import pytest
 
-from sbssl.download import HashMismatchError, download
+from sbssl.download import HashMismatchError, digest_cache_path, digest_problems, download, file_digests
 from sbssl.stimuli import IEAT_FILE_HASHES, fetch_stimuli, git_blob_sha1, read_file_hashes, sha256_file
 
 PAYLOAD = bytes(range(256)) * 4000  # ~1 MB, several read chunks
@@ -142,6 +143,61 @@ def test_present_verified_file_is_not_downloaded_again(server: Server, tmp_path:
     dest.write_bytes(b"corrupted")
     download(url, dest, sha256_prefix=PAYLOAD_SHA[:8], progress=False)
     assert server.hits["/w.pth"] == 2 and dest.read_bytes() == PAYLOAD
+
+    # unless the caller asks for a fresh copy (it judged the present file itself)
+    download(url, dest, sha256_prefix=PAYLOAD_SHA[:8], progress=False, keep_present=False)
+    assert server.hits["/w.pth"] == 3
+
+
+# --- cached file digests --------------------------------------------------------------------------------------
+
+
+def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    import sbssl.download
+
+    calls: list[Path] = []
+    real = sbssl.download._hash_file
+    monkeypatch.setattr(sbssl.download, "_hash_file", lambda path, algos: calls.append(path) or real(path, algos))
+    return calls
+
+
+def test_file_digests_are_cached_per_file_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    calls = _count_hashing(monkeypatch)
+    path = tmp_path / "w.pth"
+    path.write_bytes(PAYLOAD)
+    want = {"sha256": PAYLOAD_SHA, "md5": PAYLOAD_MD5}
+    assert file_digests(path) == want and file_digests(path) == want
+    assert calls == [path]
+    sidecar = json.loads(digest_cache_path(path).read_text())
+    assert digest_cache_path(path).name == "w.pth.digest.json"
+    assert sidecar == {**want, "size": len(PAYLOAD), "mtime_ns": path.stat().st_mtime_ns, "inode": path.stat().st_ino}
+    # same size and the old mtime, but a new file put in place (new inode): hashed again
+    stat = path.stat()
+    changed = PAYLOAD[::-1]
+    replacement = tmp_path / "new"
+    replacement.write_bytes(changed)
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, path)
+    assert file_digests(path)["sha256"] == hashlib.sha256(changed).hexdigest()
+    assert len(calls) == 2
+    # an edit in place (new mtime) and a damaged sidecar are noticed too
+    path.write_bytes(PAYLOAD)
+    assert file_digests(path) == want and len(calls) == 3
+    digest_cache_path(path).write_text("{not json")
+    assert file_digests(path) == want and len(calls) == 4
+    assert file_digests(path) == want and len(calls) == 4
+
+
+def test_digest_problems_names_expected_and_actual() -> None:
+    digests = {"sha256": PAYLOAD_SHA, "md5": PAYLOAD_MD5}
+    assert digest_problems(digests, sha256=PAYLOAD_SHA.upper(), sha256_prefix=PAYLOAD_SHA[:6],
+                           md5_prefix=PAYLOAD_MD5[:6]) == []
+    assert digest_problems(digests) == []
+    assert digest_problems(digests, sha256="0" * 64, md5_prefix="ffff") == [
+        f"sha256 expected {'0' * 64}, got {PAYLOAD_SHA}", f"md5 expected to start with ffff, got {PAYLOAD_MD5}",
+    ]
 
 
 # --- fetch_stimuli ------------------------------------------------------------------------------------------

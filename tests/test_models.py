@@ -1,18 +1,22 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from sbssl.download import HashMismatchError, digest_cache_path
 from sbssl.models import (
     FORMATS,
+    LockedWeights,
+    ModelDefinition,
     ModelSpec,
     WeightsSpec,
     build_model,
@@ -20,7 +24,10 @@ from sbssl.models import (
     fetch_weights,
     load_checkpoint,
     load_zoo,
-    model_spec_from_dict,
+    model_definition_dict,
+    model_definition_from_dict,
+    read_weights_lock,
+    verify_weights,
 )
 
 ZOO = Path(__file__).resolve().parents[1] / "config" / "models.yaml"
@@ -118,8 +125,10 @@ def test_fetch_convert_build_round_trip(fmt: str, original: dict[str, torch.Tens
         f"m_{fmt}", fmt, "contrastive", None, 50.0, "resnet50",
         WeightsSpec(url=source.as_uri(), format=fmt, sha256_prefix=digest[:8]), None,
     )
-    path = fetch_weights(spec, tmp_path / "pretrains", progress=False)
+    lock = tmp_path / "weights.lock"
+    path = fetch_weights(spec, tmp_path / "pretrains", lock, progress=False)
     assert path == tmp_path / "pretrains" / f"m_{fmt}.pth"
+    assert read_weights_lock(lock) == {spec.name: LockedWeights(source.as_uri(), digest)}
     model = build_model(spec, path)
     assert not model.training
     loaded = model.state_dict()
@@ -230,7 +239,12 @@ def test_build_model_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs its weights file"):
         build_model(spec)
     with pytest.raises(ValueError, match="no weights"):
-        fetch_weights(RANDOM, tmp_path)
+        fetch_weights(RANDOM, tmp_path, tmp_path / "weights.lock")
+    with pytest.raises(ValueError, match="no weights"):
+        verify_weights(RANDOM, tmp_path / "x.pth", tmp_path / "weights.lock")
+    # a definition builds the same model as its zoo entry
+    assert torch.equal(build_model(RANDOM.definition).state_dict()["conv1.weight"],
+                       build_model(RANDOM).state_dict()["conv1.weight"])
 
 
 # --- the zoo ------------------------------------------------------------------------------------------------
@@ -267,13 +281,44 @@ def test_shipped_zoo() -> None:
             assert w.sha256_prefix in w.url.rsplit("/", 1)[1], name
 
 
-def test_model_spec_round_trips_through_asdict() -> None:
-    from dataclasses import asdict
-
+def test_model_definition_round_trips_through_plain_params() -> None:
     zoo = load_zoo(ZOO)
-    assert all(model_spec_from_dict(asdict(spec)) == spec for spec in zoo.values())
-    with pytest.raises(ValueError, match="not a model spec"):
-        model_spec_from_dict({"name": "x"})
+    for name, spec in zoo.items():
+        params = model_definition_dict(spec)
+        assert json.loads(json.dumps(params)) == params  # what Snakemake stores and compares
+        assert model_definition_from_dict(name, params) == spec.definition
+        assert spec.definition == ModelDefinition(name, spec.architecture, spec.weights, spec.init_seed)
+    assert model_definition_dict(zoo["random_2"]) == {"architecture": "resnet50", "init_seed": 2}
+    assert model_definition_dict(zoo["supervised"]) == {"architecture": "resnet50", "weights": {
+        "url": "https://download.pytorch.org/models/resnet50-0676ba61.pth", "format": "torchvision",
+        "sha256_prefix": "0676ba61"}}
+
+
+def test_labels_are_not_part_of_the_definition() -> None:
+    byol = load_zoo(ZOO)["byol"]
+    relabelled = replace(byol, title="BYOL (new)", family="clustering", meta_group=None, imagenet_top1=1.0)
+    assert model_definition_dict(relabelled) == model_definition_dict(byol)
+    assert relabelled.definition == byol.definition
+    assert "name" not in model_definition_dict(byol)  # the job's wildcard, given separately
+    reformatted = replace(byol, weights=replace(byol.weights, format="openselfsup"))
+    assert model_definition_dict(reformatted) != model_definition_dict(byol)
+
+
+@pytest.mark.parametrize(
+    "name, data, pattern",
+    [
+        ("byol", {"architecture": "resnet50", "init_seed": 1, "title": "BYOL"}, r"'byol', key 'title': not a defin"),
+        ("byol", {"architecture": "vit"}, r"'byol', key 'architecture': 'vit'"),
+        ("byol", {"architecture": "resnet50"}, r"'byol', key 'weights': give exactly one"),
+        ("x", {"architecture": "resnet50", "weights": {"url": "http://a/b.pth", "format": "torchvision"}},
+         r"'x', key 'weights.url': 'http://a/b.pth' is not an https:// or file://"),
+        ("Bad", {"architecture": "resnet50", "init_seed": 1}, r"model name 'Bad'"),
+        ("x", ["resnet50"], r"'x', key '-': expected a mapping"),
+    ],
+)
+def test_model_definition_from_dict_validates(name: str, data: Any, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        model_definition_from_dict(name, data)
 
 
 def _write_zoo(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
@@ -295,6 +340,9 @@ def _write_zoo(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
         (lambda d: d["models"]["moco_v2"]["weights"].update(sha256="abc"), r"'moco_v2', key 'weights.sha256'"),
         (lambda d: d["models"]["simclr"]["weights"].update(format="caffe"), r"'simclr', key 'weights.format'"),
         (lambda d: d["models"]["jigsaw"]["weights"].pop("url"), r"'jigsaw', key 'weights.url': is required"),
+        (lambda d: d["models"]["odc"]["weights"].update(url="http://x.org/odc.pth"),
+         r"'odc', key 'weights.url': 'http://x.org/odc.pth' is not an https:// or file:// URL \(plain http"),
+        (lambda d: d["models"]["byol"].pop("architecture"), r"'byol', key 'architecture': is required"),
         (lambda d: d["models"]["rotation"].update(imagenet_top1=470), r"'rotation', key 'imagenet_top1'"),
         (lambda d: d["models"]["random_2"].update(init_seed="two"), r"'random_2', key 'init_seed'"),
         (lambda d: d["models"].update({"Bad Name": d["models"]["byol"]}), r"model name 'Bad Name'"),
@@ -326,10 +374,211 @@ def test_fetch_weights_command(
         "random_1": {"title": "Random 1", "family": "random", "architecture": "resnet50", "init_seed": 1},
     }}))
     dest = tmp_path / "pretrains"
-    args = ["fetch-weights", "--zoo", str(zoo), "--model", "tv", "random_1", "--dest", str(dest), "--quiet"]
+    lock = tmp_path / "config" / "weights.lock"
+    args = ["fetch-weights", "--zoo", str(zoo), "--model", "tv", "random_1", "--dest", str(dest), "--quiet",
+            "--lock", str(lock)]
     assert main(args) == 0
-    assert sorted(p.name for p in dest.iterdir()) == ["tv.pth"]
+    assert sorted(p.name for p in dest.iterdir()) == ["tv.pth", "tv.pth.digest.json"]
+    assert list(read_weights_lock(lock)) == ["tv"]
     assert (dest / "tv.pth").read_bytes() == source.read_bytes()
     assert "random_1: random initialisation" in capsys.readouterr().out
     assert main(["fetch-weights", "--zoo", str(zoo), "--model", "byol", "--dest", str(dest)]) == 2
     assert "'byol'" in capsys.readouterr().err
+
+
+def test_zoo_refuses_a_repeated_key(tmp_path: Path) -> None:
+    text = ZOO.read_text()
+    path = tmp_path / "zoo.yaml"
+    # a second 'byol:' entry would silently replace the first with a plain YAML loader
+    path.write_text(text + "  byol:\n    title: Other\n    family: random\n    architecture: resnet50\n    init_seed: 5\n")
+    with pytest.raises(ValueError, match=r"(?s)zoo.yaml.*'byol' a second time"):
+        load_zoo(path)
+
+
+# --- verified weights: the lock and the per-use check ---------------------------------------------------------
+
+
+def _checkpoint(tmp_path: Path, seed: int, name: str) -> Path:
+    """A valid torchvision-format ResNet-50 checkpoint (random init, ``seed``)."""
+    path = tmp_path / "published" / name
+    path.parent.mkdir(exist_ok=True)
+    torch.save(build_model(replace(RANDOM, init_seed=seed)).state_dict(), path)
+    return path
+
+
+def _definition(url: str, **digests: str) -> ModelDefinition:
+    return ModelDefinition("tv", "resnet50", WeightsSpec(url, "torchvision", **digests), None)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two different valid checkpoints (seeds 1 and 2) in one folder."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    return _checkpoint(folder, 1, "a.pth"), _checkpoint(folder, 2, "b.pth")
+
+
+def test_first_fetch_locks_the_digest_and_a_different_valid_checkpoint_then_fails(
+    checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    good, other = checkpoints
+    lock, pretrains = tmp_path / "config" / "weights.lock", tmp_path / "pretrains"
+    definition = _definition(good.as_uri())  # no digest in the zoo, as for the VISSL entries
+    path = fetch_weights(definition, pretrains, lock, progress=False)
+    assert read_weights_lock(lock) == {"tv": LockedWeights(good.as_uri(), _sha(good))}
+    text = lock.read_text()
+    assert text.startswith("# Full sha256") and f"sha256: {_sha(good)}" in text and f"url: {good.as_uri()}" in text
+    assert verify_weights(definition, path, lock) == _sha(good)
+    # someone puts another valid checkpoint in place: it loads fine, but it is not this model's file
+    shutil.copyfile(other, path)
+    assert build_model(definition, path) is not None
+    with pytest.raises(HashMismatchError) as info:
+        verify_weights(definition, path, lock)
+    message = str(info.value)
+    assert str(path) in message and _sha(good) in message and _sha(other) in message
+    assert "Delete" in message and "fetch it again" in message and str(lock) in message
+    # fetching again replaces the wrong file with the locked one
+    assert fetch_weights(definition, pretrains, lock, progress=False).read_bytes() == good.read_bytes()
+
+
+def test_a_different_valid_checkpoint_fails_the_zoo_digest_without_a_lock(
+    checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    good, other = checkpoints
+    path = tmp_path / "pretrains" / "tv.pth"
+    path.parent.mkdir()
+    shutil.copyfile(other, path)
+    lock = tmp_path / "weights.lock"
+    for digests in ({"sha256_prefix": _sha(good)[:8]}, {"sha256": _sha(good)},
+                    {"md5_prefix": hashlib.md5(good.read_bytes()).hexdigest()[:8]}):
+        with pytest.raises(HashMismatchError, match=r"tv\.pth: not the checkpoint of model 'tv'"):
+            verify_weights(_definition(good.as_uri(), **digests), path, lock)
+    assert not lock.exists()  # nothing is locked for a file that failed
+
+
+def test_changed_zoo_url_or_digest_needs_the_lock_entry_deleted(
+    checkpoints: tuple[Path, Path], tmp_path: Path
+) -> None:
+    good, other = checkpoints
+    lock, pretrains = tmp_path / "weights.lock", tmp_path / "pretrains"
+    path = fetch_weights(_definition(good.as_uri()), pretrains, lock, progress=False)
+    moved = _definition(other.as_uri())
+    for call in (lambda: fetch_weights(moved, pretrains, lock, progress=False),
+                 lambda: verify_weights(moved, path, lock)):
+        with pytest.raises(ValueError, match=r"the zoo's weights URL .*b\.pth differs .*a\.pth.*delete the entry 'tv'"):
+            call()
+    with pytest.raises(ValueError, match=r"the zoo's weights sha256 0{64} differs"):
+        verify_weights(_definition(good.as_uri(), sha256="0" * 64), path, lock)
+    assert path.read_bytes() == good.read_bytes()
+    # deleting the entry deliberately accepts the new source
+    lock.write_text("")
+    assert fetch_weights(moved, pretrains, lock, progress=False).read_bytes() == other.read_bytes()
+    assert read_weights_lock(lock)["tv"] == LockedWeights(other.as_uri(), _sha(other))
+
+
+def test_verification_hashes_each_file_version_once(
+    checkpoints: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sbssl.download
+
+    good, _ = checkpoints
+    lock = tmp_path / "weights.lock"
+    path = fetch_weights(_definition(good.as_uri()), tmp_path, lock, progress=False)
+    hashed = []
+    real = sbssl.download._hash_file
+    monkeypatch.setattr(sbssl.download, "_hash_file", lambda p, a: hashed.append(p) or real(p, a))
+    for _ in range(3):
+        assert verify_weights(_definition(good.as_uri()), path, lock) == _sha(good)
+    assert hashed == []  # cached by the fetch
+    assert json.loads(digest_cache_path(path).read_text())["sha256"] == _sha(good)
+    path.touch()  # a new mtime: hashed again, once
+    for _ in range(2):
+        verify_weights(_definition(good.as_uri()), path, lock)
+    assert hashed == [path]
+
+
+def test_lock_file_errors_name_file_model_and_key(tmp_path: Path) -> None:
+    lock = tmp_path / "weights.lock"
+    assert read_weights_lock(lock) == {}
+    lock.write_text("byol:\n  url: https://x/y.pth\n  sha256: abc\n")
+    with pytest.raises(ValueError, match=r"weights.lock: model 'byol', key 'sha256': 'abc' is not a digest"):
+        read_weights_lock(lock)
+    lock.write_text(f"byol:\n  url: https://x/y.pth\n  sha256: {'a' * 64}\n  note: x\n")
+    with pytest.raises(ValueError, match=r"model 'byol', key '-': expected exactly the keys"):
+        read_weights_lock(lock)
+    lock.write_text(f"byol:\n  url: https://x/y.pth\n  sha256: {'a' * 64}\nbyol:\n  url: u\n  sha256: {'b' * 64}\n")
+    with pytest.raises(ValueError, match=r"(?s)weights.lock.*'byol' a second time"):
+        read_weights_lock(lock)
+
+
+def _verify_in_child(args: tuple[str, str, str]) -> str:
+    name, url, lock = args
+    path = Path(url.removeprefix("file://"))
+    weights = WeightsSpec(url, "torchvision", sha256_prefix=_sha(path)[:8])
+    return verify_weights(ModelDefinition(name, "resnet50", weights, None), path, lock)
+
+
+def test_concurrent_first_uses_keep_every_lock_entry(tmp_path: Path) -> None:
+    import multiprocessing
+
+    files = []
+    for i in range(12):
+        f = tmp_path / f"m{i}.pth"
+        f.write_bytes(f"checkpoint {i}".encode())
+        files.append(f)
+    lock = tmp_path / "config" / "weights.lock"
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        digests = pool.map(_verify_in_child, [(f"m{i}", f.as_uri(), str(lock)) for i, f in enumerate(files)])
+    entries = read_weights_lock(lock)
+    assert list(entries) == sorted(f"m{i}" for i in range(12))  # none lost, written sorted
+    assert [entries[f"m{i}"].sha256 for i in range(12)] == digests == [_sha(f) for f in files]
+
+
+@pytest.fixture()
+def server() -> Iterator[Any]:
+    from test_download import Server  # the scripted 127.0.0.1 server of the download tests
+
+    srv = Server()
+    yield srv
+    srv.close()
+
+
+def test_fetch_over_http_reuses_verified_files_and_never_trusts_unverifiable_ones(
+    checkpoints: tuple[Path, Path], server: Any, tmp_path: Path
+) -> None:
+    good, other = checkpoints
+    server.files["/tv.pth"] = good.read_bytes()
+    definition = _definition(server.base + "/tv.pth")  # no zoo digest
+    lock, pretrains = tmp_path / "weights.lock", tmp_path / "pretrains"
+    # a file already there before the first fetch cannot be checked: refused for use, downloaded again by fetch
+    pretrains.mkdir()
+    shutil.copyfile(other, pretrains / "tv.pth")
+    with pytest.raises(ValueError, match=r"tv\.pth: model 'tv' has no digest in the zoo and no entry in .*fetch"):
+        verify_weights(definition, pretrains / "tv.pth", lock)
+    path = fetch_weights(definition, pretrains, lock, progress=False)
+    assert path.read_bytes() == good.read_bytes() and server.hits["/tv.pth"] == 1
+    # locked and verified: no second request
+    fetch_weights(definition, pretrains, lock, progress=False)
+    assert server.hits["/tv.pth"] == 1
+    # the server now serves another file: a damaged local copy is not replaced by it
+    server.files["/tv.pth"] = other.read_bytes()
+    path.write_bytes(b"damaged")
+    with pytest.raises(HashMismatchError, match=rf"sha256 expected {_sha(good)}, got {_sha(other)}"):
+        fetch_weights(definition, pretrains, lock, progress=False)
+    assert server.hits["/tv.pth"] == 2 and path.read_bytes() == b"damaged"
+    # a zoo URL that differs from the lock fails before any request
+    with pytest.raises(ValueError, match="differs from the one locked"):
+        fetch_weights(_definition(server.base + "/moved.pth"), pretrains, lock, progress=False)
+    assert server.hits["/moved.pth"] == 0
+
+
+def test_fetch_retries_a_transient_server_error(checkpoints: tuple[Path, Path], server: Any, tmp_path: Path) -> None:
+    good, _ = checkpoints
+    server.files["/tv.pth"] = good.read_bytes()
+    server.fail_first["/tv.pth"] = 1
+    path = fetch_weights(_definition(server.base + "/tv.pth", sha256_prefix=_sha(good)[:8]), tmp_path,
+                         tmp_path / "weights.lock", retries=1, progress=False)
+    assert path.read_bytes() == good.read_bytes() and server.hits["/tv.pth"] == 2
