@@ -103,7 +103,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{weights} not found; run `sbssl fetch-weights --model {spec.name}` or pass --weights")
     out = {layer: Path(args.out_dir) / spec.name / f"{layer}.h5" for layer in args.layers}
     report = embed_model(
-        spec, weights, args.manifest, args.stimuli, out, layers=args.layers, preprocessing=args.preprocessing,
+        spec, weights, args.manifest, args.stimuli, out, lock_path=args.lock, layers=args.layers, preprocessing=args.preprocessing,
         pooling=args.pooling, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         progress=not args.quiet,
     )  # fmt: skip
@@ -160,11 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model name in the zoo")
     p.add_argument("--zoo", default="config/models.yaml", help="zoo file (default: %(default)s)")
     p.add_argument("--weights", help="checkpoint file (default: pretrains/<model>.pth; none for random models)")
+    p.add_argument("--lock", default="config/weights.lock", help="weights lock the checkpoint is verified against (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="writes OUT_DIR/<model>/<layer>.h5 (e.g. results/embeddings)")
     p.add_argument("--layers", nargs="+", default=list(LAYERS), help="modules to capture (default: all six)")
     p.add_argument("--preprocessing", default="sbssl", choices=("sbssl", "standard"), help="default: %(default)s")
     p.add_argument("--pooling", default="flatten", choices=("flatten", "mean"), help="default: %(default)s")
-    p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored type (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float16", "float32"), help="stored type (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0, ... (default: %(default)s)")
     p.add_argument("--similarity-dir", help="also write SIMILARITY_DIR/<model>/<layer>.h5 cosine similarities")
