@@ -36,7 +36,7 @@ def _cmd_fetch_weights(args: argparse.Namespace) -> int:
         if zoo[name].weights is None:
             print(f"{name}: random initialisation (init_seed {zoo[name].init_seed}), nothing to fetch")
             continue
-        print(f"{name}: {fetch_weights(zoo[name], args.dest, progress=not args.quiet)}")
+        print(f"{name}: {fetch_weights(zoo[name], args.dest, args.lock, progress=not args.quiet)}")
     return 0
 
 
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo", default="config/models.yaml", help="zoo file (default: %(default)s)")
     p.add_argument("--model", nargs="+", required=True, help="model name(s), or 'all'")
     p.add_argument("--dest", default="pretrains", help="folder for <model>.pth (default: %(default)s)")
+    p.add_argument(
+        "--lock", default="config/weights.lock", help="weights lock: full sha256 per model (default: %(default)s)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_fetch_weights)
 
