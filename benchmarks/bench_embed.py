@@ -177,7 +177,7 @@ def main() -> None:
     total = sum(emb["bytes"].values())
     print(f"images              : {what}")
     print(f"setup               : batch {args.batch_size}, {args.threads} torch threads, device {emb['device']}, "
-          f"model random_1 (ResNet-50), layers {', '.join(LAYERS)}, flatten, float16, LZF")  # fmt: skip
+          f"model random_1 (ResNet-50), layers {', '.join(LAYERS)}, flatten, float32, LZF")  # fmt: skip
     print(f"bare forward        : {bare_ips:7.2f} img/s  (model calls only, on batches decoded beforehand)")
     print(f"full extraction     : {full_ips:7.2f} img/s  (decode, preprocess, 1 forward/batch, 6 layers, HDF5 writes)")
     print(f"ratio full / bare   : {full_ips / bare_ips:7.3f}  (target >= 0.85; alternating every "
