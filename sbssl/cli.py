@@ -65,22 +65,33 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     import json
 
     from sbssl.models import load_zoo
-    from sbssl.results import read_tests_table, write_study_summary
+    from sbssl.study import read_results, write_study_summary
 
     # Published rows name tests by title, so they always need a catalogue; our own table only checks ids.
     catalogue = args.catalogue or ("config/tests.yaml" if args.format == "sbssl-published" else None)
-    tests = read_tests_table(args.results, args.format, catalogue=catalogue)
-    paths = write_study_summary(tests, load_zoo(args.zoo), args.out, heatmap_layer=args.heatmap_layer)
+    tests = read_results(args.results, args.format, catalogue=catalogue)
+    if args.zoo == "published":
+        from sbssl.published import published_zoo
+
+        zoo = published_zoo()
+    else:
+        zoo = load_zoo(args.zoo)
+    paths = write_study_summary(
+        tests, zoo, args.out, heatmap_layer=args.heatmap_layer, meta_test_layer=args.meta_test_layer
+    )
     meta = json.loads(paths["meta_test"].read_text(encoding="utf-8"))
     print(f"{args.out}: {len(tests)} per-test rows -> {len(paths)} files")
+    if meta["n_excluded"] or meta["n_flagged_overlap"]:
+        print(f"{meta['n_excluded']} result(s) excluded (see summary.csv `excluded`), "
+              f"{meta['n_flagged_overlap']} flagged target_attribute_overlap at {meta['layer']}")
     if meta["p_value"] is None:
         print(f"meta-test not applicable: {meta['not_applicable']}")
     else:
         print(
-            f"meta-test at {meta['layer']}: paper-compatible p = {meta['p_value']:.4f} "
-            f"({meta['n_thresholds']} thresholds), robust p = {meta['robust']['p_value']:.4f} "
-            f"({meta['robust']['n_thresholds']} thresholds), "
-            f"area-under-count-curve p = {meta['alternative']['p_value']:.4f}"
+            f"meta-test at {meta['layer']} (alternative {meta['alternative']}): paper-compatible "
+            f"p = {meta['p_value']:.4f} ({meta['n_thresholds']} thresholds), robust "
+            f"p = {meta['robust']['p_value']:.4f} ({meta['robust']['n_thresholds']} thresholds), "
+            f"area-under-count-curve p = {meta['area_test']['p_value']:.4f}"
         )
     return 0
 
@@ -176,16 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("summarize", help="summary table, bias counts, meta-test and figures from per-test results")
-    p.add_argument("--results", required=True, help="per-test CSV (one row per model, layer, test, seed)")
+    p.add_argument(
+        "--results", required=True,
+        help="per-test CSV, optionally gzipped (one row per model, layer, test, seed); the SB-SSL authors' "
+        "rows ship in the checkout as data/published/sbssl_published_results.csv.gz",
+    )  # fmt: skip
     p.add_argument(
         "--format", choices=["sbssl", "sbssl-published"], default="sbssl",
         help="sbssl: our tests.csv; sbssl-published: the SB-SSL authors' rows (default: %(default)s)",
     )  # fmt: skip
-    p.add_argument("--zoo", default="config/models.yaml", help="model zoo (default: %(default)s)")
+    p.add_argument(
+        "--zoo", default="config/models.yaml",
+        help="model zoo file, or 'published' for the paper's own model labels (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument(
         "--catalogue", help="test catalogue (default: config/tests.yaml for sbssl-published, none otherwise)"
     )
     p.add_argument("--heatmap-layer", default="avgpool", help="layer of the d heat map (default: %(default)s)")
+    p.add_argument("--meta-test-layer", default="avgpool", help="layer of the meta-test (default: %(default)s)")
     p.add_argument("--out", required=True, help="folder for summary.csv, counts.csv, meta_test.json, figures/")
     p.set_defaults(func=_cmd_summarize)
     return parser

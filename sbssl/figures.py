@@ -1,13 +1,20 @@
-"""The paper's figures (3, 4, 5) and a heat map of effect sizes, from a :func:`sbssl.results.summarize` table.
+"""The paper's figures (3, 4, 5) and a heat map of effect sizes, from a :func:`sbssl.summary.summarize` table.
 
-Each ``plot_*`` function returns ``(matplotlib Figure, caption)``; :func:`write_figures` saves them all as PNG
-and PDF (atomically) with the caption beside as ``.rst`` for Snakemake's report. Figures are built on
-``matplotlib.figure.Figure`` objects, never pyplot's global state, so they are safe inside DAG jobs.
+Each figure has a ``*_data`` function returning the numbers it draws (a DataFrame; tests compare them with
+counts.csv and published values) and a ``plot_*`` function returning ``(matplotlib Figure, caption)``
+built from them; :func:`write_figures` saves them all as PNG and PDF (atomically) with the caption beside
+as ``.rst`` for Snakemake's report. Figures are built on ``matplotlib.figure.Figure`` objects, never
+pyplot's global state, so they are safe inside DAG jobs.
+
+All figures follow the summary's one ``alternative`` (a bias is a test with p < threshold in that
+direction; a summary mixing alternatives is refused) and leave out rows marked ``excluded``; captions
+state the alternative and how many results were excluded or flagged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,13 +31,24 @@ from matplotlib.ticker import MaxNLocator
 
 from sbssl.io import atomic_path, write_text_atomic
 from sbssl.layers import LAYER_TITLES, LAYERS
-from sbssl.results import RANDOM_MODEL, figure_models
+from sbssl.models import FAMILIES
+from sbssl.summary import (
+    ALTERNATIVE_MEANING,
+    DEFAULT_THRESHOLDS,
+    OVERLAP_FLAG,
+    RANDOM_MODEL,
+    exclusion_counts,
+    figure_models,
+    included,
+    study_alternative,
+)
 
-FAMILY_ORDER = ("geometric", "clustering", "contrastive", "supervised", "random")
 #: Threshold of the paper's Figures 4 and 5.
 STRONG_P = 0.01
 #: Threshold range of Figure 3 (log axis).
 SWEEP_RANGE = (1e-4, 1e-1)
+#: Points of Figure 3's log-spaced threshold grid (the paper's thresholds are added to it).
+SWEEP_POINTS = 400
 
 
 @dataclass(frozen=True)
@@ -43,21 +61,26 @@ class FigureFiles:
     caption: str
 
 
-def _models(summary: pd.DataFrame, zoo: Mapping[str, Any] | None) -> pd.DataFrame:
-    """Per figure model (rows in summary order): title, family, meta_group, imagenet_top1."""
+def figure_model_labels(summary: pd.DataFrame, zoo: Mapping[str, Any] | None) -> pd.DataFrame:
+    """Per figure model (index, in summary order): title, family, meta_group, imagenet_top1 (from the zoo).
+
+    ``zoo``: ``{name: label}`` with attributes title, meta_group, imagenet_top1 (ModelSpec,
+    PublishedModel), or ``{name: meta_group-or-None}`` as :func:`sbssl.meta.meta_test` accepts.
+    """
     families = summary.drop_duplicates("model").set_index("model")["family"]
     rows = []
     for model in figure_models(summary, zoo):
         spec = None if zoo is None else zoo.get(model)
-        title = getattr(spec, "title", None) or ("Random (mean)" if model == RANDOM_MODEL else model)
+        bare = spec is None or isinstance(spec, str)  # a bare meta group carries no other label
+        title = (None if bare else spec.title) or ("Random (mean)" if model == RANDOM_MODEL else model)
         rows.append({
             "model": model,
             "title": title,
             "family": families[model],
-            "meta_group": getattr(spec, "meta_group", None),
-            "imagenet_top1": getattr(spec, "imagenet_top1", None),
+            "meta_group": spec if bare else spec.meta_group,
+            "imagenet_top1": None if bare else spec.imagenet_top1,
         })
-    return pd.DataFrame(rows).set_index("model")
+    return pd.DataFrame(rows, columns=["model", "title", "family", "meta_group", "imagenet_top1"]).set_index("model")
 
 
 def _layers(summary: pd.DataFrame) -> list[str]:
@@ -65,22 +88,70 @@ def _layers(summary: pd.DataFrame) -> list[str]:
     return [layer for layer in LAYERS if layer in present] + sorted(present - set(LAYERS))
 
 
+def _study_note(
+    summary: pd.DataFrame, models: Sequence[str], layer: str | None = None, group: str | None = None
+) -> str:
+    """Caption sentence: what a bias is, and how many of the drawn results were excluded or flagged."""
+    alternative = study_alternative(summary)
+    rows = summary[summary["model"].isin(models)]
+    if layer is not None:
+        rows = rows[rows["layer"] == layer]
+    if group is not None:
+        rows = rows[rows["group"] == group]
+    counts = exclusion_counts(rows)
+    return (
+        f" Alternative {alternative}: a bias is {ALTERNATIVE_MEANING[alternative]}."
+        f" {counts['n_excluded']} test result(s) excluded (e.g. degenerate: d undefined),"
+        f" {counts['n_flagged_overlap']} kept but flagged {OVERLAP_FLAG}."
+    )
+
+
+def sweep_thresholds() -> np.ndarray:
+    """Figure 3's thresholds: log-spaced over :data:`SWEEP_RANGE` plus the paper's 0.1, 0.05, 0.01, sorted."""
+    grid = np.logspace(np.log10(SWEEP_RANGE[0]), np.log10(SWEEP_RANGE[1]), SWEEP_POINTS)
+    return np.unique(np.concatenate([grid, DEFAULT_THRESHOLDS]))
+
+
+def bias_count_data(
+    summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None, thresholds: Sequence[float] | None = None
+) -> pd.DataFrame:
+    """What Figure 3 draws: per figure model, layer and threshold t, the number of tests with p < t.
+
+    Columns model, title, meta_group, layer, threshold, n_biases; ``thresholds`` default to
+    :func:`sweep_thresholds`. Excluded rows are not counted, so at 0.1, 0.05 and 0.01 the numbers
+    equal :func:`sbssl.summary.bias_counts`.
+    """
+    study_alternative(summary)
+    info = figure_model_labels(summary, zoo)
+    ts = sweep_thresholds() if thresholds is None else np.asarray(thresholds, dtype=float)
+    kept = included(summary)
+    frames = []
+    for layer in _layers(summary):
+        at_layer = kept[kept["layer"] == layer]
+        for model, row in info.iterrows():
+            p = np.sort(at_layer.loc[at_layer["model"] == model, "p"].to_numpy())
+            frames.append(pd.DataFrame({
+                "model": model, "title": row["title"], "meta_group": row["meta_group"], "layer": layer,
+                "threshold": ts, "n_biases": np.searchsorted(p, ts, side="left"),
+            }))
+    return pd.concat(frames, ignore_index=True)
+
+
 def plot_bias_counts(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> tuple[Figure, str]:
     """Paper Figure 3: number of tests with p < p_t against p_t (log axis), one panel per layer."""
-    info = _models(summary, zoo)
+    data = bias_count_data(summary, zoo)
+    info = figure_model_labels(summary, zoo)
     layers = _layers(summary)
-    thresholds = np.logspace(np.log10(SWEEP_RANGE[0]), np.log10(SWEEP_RANGE[1]), 400)
     ncols = min(3, len(layers))
     nrows = -(-len(layers) // ncols)
     fig = Figure(figsize=(4.2 * ncols + 2.2, 3.4 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
     colors = dict(zip(info.index, sns.color_palette("tab20", len(info))))
     for ax, layer in zip(axes, layers):
-        at_layer = summary[summary["layer"] == layer]
         for model, row in info.iterrows():
-            p = np.sort(at_layer.loc[at_layer["model"] == model, "p"].to_numpy())
+            curve = data[(data["layer"] == layer) & (data["model"] == model)]
             contrastive = row["meta_group"] == "contrastive"
-            ax.plot(thresholds, np.searchsorted(p, thresholds, side="left"), drawstyle="steps-post",
+            ax.plot(curve["threshold"].to_numpy(), curve["n_biases"].to_numpy(), drawstyle="steps-post",
                     color=colors[model], linewidth=2.6 if contrastive else 1.3,
                     linestyle="-" if contrastive else "--", label=row["title"])
         ax.set_xscale("log")
@@ -99,27 +170,48 @@ def plot_bias_counts(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None
         "Number of biases (tests with seed-averaged p < p_t) against the threshold p_t from "
         f"{SWEEP_RANGE[0]:g} to {SWEEP_RANGE[1]:g} (log scale), one panel per layer, one line per model "
         f"({len(info)} model{'s' if len(info) != 1 else ''}; 'Random (mean)' averages the random initialisations). Contrastive models: "
-        "thick solid lines; the others dashed (paper Figure 3)."
+        "thick solid lines; the others dashed (paper Figure 3)." + _study_note(summary, list(info.index))
     )
     return fig, caption
 
 
 def _family_sorted(info: pd.DataFrame) -> pd.DataFrame:
-    rank = {f: i for i, f in enumerate(FAMILY_ORDER)}
+    rank = {f: i for i, f in enumerate(FAMILIES)}
     order = sorted(range(len(info)), key=lambda i: (rank.get(info["family"].iloc[i], len(rank)), i))
     return info.iloc[order]
+
+
+def intersectional_data(
+    summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None, *, layer: str = "avgpool"
+) -> pd.DataFrame:
+    """What Figure 4 draws: every (figure model, intersectional test) at ``layer``, models by family.
+
+    Columns model, title, family, test_title, d, p, strong (p < :data:`STRONG_P`; the coloured cells).
+    Rows of excluded results are left out. Per model, ``strong.sum()`` is the number after its name.
+    """
+    study_alternative(summary)
+    info = _family_sorted(figure_model_labels(summary, zoo))
+    kept = included(summary)
+    rows = kept[(kept["layer"] == layer) & (kept["group"] == "intersectional") & kept["model"].isin(info.index)]
+    rank = {m: i for i, m in enumerate(info.index)}
+    data = rows.assign(
+        title=rows["model"].map(info["title"]), family=rows["model"].map(info["family"]), test_title=rows["title"],
+        strong=rows["p"] < STRONG_P, _rank=rows["model"].map(rank),
+    ).sort_values("_rank", kind="stable")
+    return data[["model", "title", "family", "test_title", "d", "p", "strong"]].reset_index(drop=True)
 
 
 def plot_intersectional(
     summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None, *, layer: str = "avgpool"
 ) -> tuple[Figure, str]:
     """Paper Figure 4: intersectional tests with p < 0.01 at ``layer``, per model, models grouped by family."""
-    info = _family_sorted(_models(summary, zoo))
-    rows = summary[(summary["layer"] == layer) & (summary["group"] == "intersectional")]
-    d = rows.pivot(index="title", columns="model", values="d").reindex(columns=info.index)
-    p = rows.pivot(index="title", columns="model", values="p").reindex(index=d.index, columns=info.index)
-    strong = d.where(p < STRONG_P)
-    counts = (p < STRONG_P).sum(axis=0)
+    info = _family_sorted(figure_model_labels(summary, zoo))
+    data = intersectional_data(summary, zoo, layer=layer)
+    order = list(dict.fromkeys(data["test_title"]))
+    d = data.pivot(index="test_title", columns="model", values="d").reindex(index=order, columns=info.index)
+    strong_mask = data.pivot(index="test_title", columns="model", values="strong").reindex(index=order, columns=info.index)
+    strong = d.where(strong_mask.fillna(False).astype(bool))
+    counts = data.groupby("model")["strong"].sum().reindex(info.index, fill_value=0)
     fig = Figure(figsize=(0.55 * len(info) + 5.0, 0.32 * max(len(d), 1) + 3.0), layout="constrained")
     ax = fig.subplots()
     if len(d):
@@ -146,27 +238,44 @@ def plot_intersectional(
         f"with seed-averaged p < {STRONG_P} (colour = effect size d; grey = not significant). Models are "
         "grouped by family (separated by black lines); the number after each model is its count of such "
         "biases (paper Figure 4)."
+        + _study_note(summary, list(info.index), layer, "intersectional")
     )
     return fig, caption
 
 
-def plot_strength(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> tuple[Figure, str]:
-    """Paper Figure 5: cumulative strength (sum of d over p < 0.01) and number of biases, per layer and model."""
-    info = _models(summary, zoo)
+def strength_data(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """What Figure 5 draws: per figure model and layer, strength (sum of d) and number of tests with p < 0.01.
+
+    Columns model, title, family, imagenet_top1, layer, strength, n_biases; models ordered by ImageNet
+    top-1 (models without one first), layers in :data:`sbssl.layers.LAYERS` order. Excluded rows are
+    left out, so n_biases equals :func:`sbssl.summary.bias_counts` at 0.01.
+    """
+    study_alternative(summary)
+    info = figure_model_labels(summary, zoo)
     top1 = pd.to_numeric(info["imagenet_top1"], errors="coerce")
-    info = info.assign(top1=top1).sort_values("top1", na_position="first", kind="stable")
-    strong = summary[summary["model"].isin(info.index) & (summary["p"] < STRONG_P)]
-    layers = _layers(summary)
-    grid = pd.MultiIndex.from_product([info.index, layers], names=["model", "layer"])
+    info = info.assign(imagenet_top1=top1).sort_values("imagenet_top1", na_position="first", kind="stable")
+    kept = included(summary)
+    strong = kept[kept["model"].isin(info.index) & (kept["p"] < STRONG_P)]
+    grid = pd.MultiIndex.from_product([info.index, _layers(summary)], names=["model", "layer"])
     totals = pd.DataFrame({
         "strength": strong.groupby(["model", "layer"])["d"].sum().reindex(grid, fill_value=0.0),
         "n_biases": strong.groupby(["model", "layer"]).size().reindex(grid, fill_value=0),
     }).reset_index()
-    labels = {m: info.at[m, "title"] + ("" if pd.isna(info.at[m, "top1"]) else f"\n{info.at[m, 'top1']:g}%")
-              for m in info.index}
-    totals["model_label"] = totals["model"].map(labels)
-    totals["layer_title"] = totals["layer"].map(lambda layer: LAYER_TITLES.get(layer, layer))
-    fig = Figure(figsize=(0.75 * len(info) + 4.0, 7.5), layout="constrained")
+    for column in ("title", "family", "imagenet_top1"):
+        totals[column] = totals["model"].map(info[column])
+    return totals[["model", "title", "family", "imagenet_top1", "layer", "strength", "n_biases"]]
+
+
+def plot_strength(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> tuple[Figure, str]:
+    """Paper Figure 5: cumulative strength (sum of d over p < 0.01) and number of biases, per layer and model."""
+    totals = strength_data(summary, zoo)
+    models = totals.drop_duplicates("model").set_index("model")
+    layers = list(dict.fromkeys(totals["layer"]))
+    labels = {m: models.at[m, "title"] + ("" if pd.isna(models.at[m, "imagenet_top1"])
+                                          else f"\n{models.at[m, 'imagenet_top1']:g}%") for m in models.index}
+    totals = totals.assign(model_label=totals["model"].map(labels),
+                           layer_title=totals["layer"].map(lambda layer: LAYER_TITLES.get(layer, layer)))
+    fig = Figure(figsize=(0.75 * len(models) + 4.0, 7.5), layout="constrained")
     ax_strength, ax_count = fig.subplots(2, 1, sharex=True)
     palette = sns.color_palette("crest", len(layers))
     for ax, value, label in ((ax_strength, "strength", "cumulative strength (sum of d)"),
@@ -182,6 +291,7 @@ def plot_strength(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -
         f"Cumulative strength (sum of effect sizes d over tests with seed-averaged p < {STRONG_P}, top) and "
         "number of those biases (bottom) per layer and model. Models are ordered by ImageNet linear "
         "top-1 accuracy (shown under the name; models without one first) (paper Figure 5)."
+        + _study_note(summary, list(models.index))
     )
     return fig, caption
 
@@ -190,22 +300,36 @@ def _mark(p: float) -> str:
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
 
 
-def plot_effect_heatmap(
+def heatmap_data(
     summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None, *, layer: str = "avgpool"
-) -> tuple[Figure, str]:
-    """Heat map of seed-averaged d (tests x models) at ``layer``, marked by significance of the mean p."""
-    info = _models(summary, zoo)
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What the heat map draws at ``layer``: d (tests x figure models, by title) and the significance marks.
+
+    Excluded results are blank (d NaN, no mark). ValueError when the summary has no results at ``layer``.
+    """
+    study_alternative(summary)
+    info = figure_model_labels(summary, zoo)
     rows = summary[(summary["layer"] == layer) & summary["model"].isin(info.index)]
     if rows.empty:
         raise ValueError(f"heat map: no results at layer {layer!r}")
     order = list(dict.fromkeys(rows["title"]))
+    rows = rows.assign(d=rows["d"].where(rows["excluded"] == ""), p=rows["p"].where(rows["excluded"] == ""))
     d = rows.pivot(index="title", columns="model", values="d").reindex(index=order, columns=info.index)
     marks = rows.pivot(index="title", columns="model", values="p").reindex(index=order, columns=info.index)
-    marks = marks.map(lambda p: "" if pd.isna(p) else _mark(p))
+    return d, marks.map(lambda p: "" if pd.isna(p) else _mark(p))
+
+
+def plot_effect_heatmap(
+    summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None, *, layer: str = "avgpool"
+) -> tuple[Figure, str]:
+    """Heat map of seed-averaged d (tests x models) at ``layer``, marked by significance of the mean p."""
+    info = figure_model_labels(summary, zoo)
+    d, marks = heatmap_data(summary, zoo, layer=layer)
     fig = Figure(figsize=(0.6 * len(info) + 5.5, 0.3 * len(d) + 2.5), layout="constrained")
     ax = fig.subplots()
-    limit = float(np.nanmax(np.abs(d.to_numpy()))) or 1.0
-    sns.heatmap(d, ax=ax, cmap="vlag", center=0, vmin=-limit, vmax=limit, annot=marks, fmt="",
+    finite = np.abs(d.to_numpy(dtype=float))
+    limit = float(np.nanmax(finite)) if np.isfinite(finite).any() else 1.0
+    sns.heatmap(d, ax=ax, cmap="vlag", center=0, vmin=-(limit or 1.0), vmax=limit or 1.0, annot=marks, fmt="",
                 annot_kws={"fontsize": 7}, cbar_kws={"label": "effect size d"})
     ax.set_xticks(np.arange(len(info)) + 0.5)
     ax.set_xticklabels(info["title"], rotation=60, ha="right")
@@ -214,9 +338,23 @@ def plot_effect_heatmap(
     caption = (
         f"Effect size d of every test (rows) for every model (columns) at {LAYER_TITLES.get(layer, layer)}, "
         "averaged over seeds. Marks give the seed-averaged p: * p < 0.05, ** p < 0.01, *** p < 0.001 "
-        "(unadjusted; adjusted values are in summary.csv)."
+        "(unadjusted; adjusted values are in summary.csv); excluded results are blank."
+        + _study_note(summary, list(info.index), layer)
     )
     return fig, caption
+
+
+_RST_SPECIAL = re.compile(r"([\\*`|])")
+_RST_TRAILING_UNDERSCORE = re.compile(r"_(?=\W|$)")
+
+
+def rst_escape(text: str) -> str:
+    """``text`` as literal reStructuredText (the captions of Snakemake's report).
+
+    Escapes backslash, ``*`` (emphasis: the significance marks), backquote, ``|`` (substitutions) and an
+    underscore that ends a word (a reference, e.g. ``p_``).
+    """
+    return _RST_TRAILING_UNDERSCORE.sub(r"\\_", _RST_SPECIAL.sub(r"\\\1", text))
 
 
 def _save(fig: Figure, caption: str, out_dir: Path, name: str) -> FigureFiles:
@@ -225,8 +363,7 @@ def _save(fig: Figure, caption: str, out_dir: Path, name: str) -> FigureFiles:
         fig.savefig(tmp, format="png", dpi=150)
     with atomic_path(files.pdf) as tmp:
         fig.savefig(tmp, format="pdf", metadata={"CreationDate": None})  # reproducible bytes
-    # The .rst is the caption in Snakemake's report: escape "*" (the significance marks) for reStructuredText.
-    write_text_atomic(files.caption_path, caption.replace("*", r"\*") + "\n")
+    write_text_atomic(files.caption_path, rst_escape(caption) + "\n")
     return files
 
 
@@ -236,16 +373,18 @@ def write_figures(
     out_dir: str | Path,
     *,
     heatmap_layer: str = "avgpool",
+    intersectional_layer: str = "avgpool",
 ) -> dict[str, FigureFiles]:
     """Write every figure to ``out_dir`` as ``<name>.png``, ``<name>.pdf`` and ``<name>.rst`` (caption).
 
-    Names: bias_counts (Figure 3), intersectional (Figure 4, at GAP), strength (Figure 5),
-    heatmap_<heatmap_layer>.
+    Names: bias_counts (Figure 3), intersectional (Figure 4, at ``intersectional_layer``), strength
+    (Figure 5), heatmap_<heatmap_layer>. A summary mixing alternatives is refused before anything is written.
     """
+    study_alternative(summary)
     out = Path(out_dir)
     figures = {
         "bias_counts": plot_bias_counts(summary, zoo),
-        "intersectional": plot_intersectional(summary, zoo),
+        "intersectional": plot_intersectional(summary, zoo, layer=intersectional_layer),
         "strength": plot_strength(summary, zoo),
         f"heatmap_{heatmap_layer}": plot_effect_heatmap(summary, zoo, layer=heatmap_layer),
     }

@@ -1,4 +1,4 @@
-"""Do contrastive models show more biases than non-contrastive ones? The paper's meta-test and an alternative.
+"""Do contrastive models show more biases than non-contrastive ones? The paper's meta-test and an area test.
 
 :func:`meta_test` is the procedure of Sirotkin et al. (CVPR 2022, section 4.1): sweep thresholds p_t over
 the distinct seed-averaged p-values below ``max_p`` at one layer, count each model's tests with p < p_t,
@@ -6,8 +6,12 @@ run an exact permutation test of the group difference in mean count at each thre
 p-values. The average of dependent p-values over data-chosen thresholds is a descriptive score, not a
 p-value with a known error rate, and the threshold set depends on floating-point ties (``mode``).
 
-:func:`area_meta_test` is the alternative fixed in advance: one exact permutation test over the same
+:func:`area_meta_test` is a test fixed in advance instead: one exact permutation test over the same
 splits on each model's area under its count curve over log10 thresholds in a fixed range.
+
+Both work on a :func:`sbssl.summary.summarize` table: a bias is a test with p < p_t for the summary's one
+``alternative`` (a table mixing alternatives is refused), and rows marked ``excluded`` (e.g. degenerate
+tests) take no part; the results say how many were left out.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sbssl.results import figure_models
+from sbssl.models import META_GROUPS
+from sbssl.summary import ALTERNATIVE_MEANING, exclusion_counts, figure_models, included, study_alternative
 
-META_GROUPS = ("contrastive", "non_contrastive")
 MODES = ("paper", "robust")
 #: Decimals p is rounded to in ``mode="robust"``: far below any permutation p-value's resolution.
 ROBUST_DECIMALS = 12
@@ -62,12 +66,15 @@ def _split_p_values(scores: np.ndarray, in_first: np.ndarray, tolerance: float =
 
 
 def _layer_table(summary: pd.DataFrame, zoo: Mapping[str, Any], layer: str) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """Rows at ``layer`` and the zoo's contrastive / non-contrastive models that have results there.
+    """Rows at ``layer`` that take part (not ``excluded``) and the zoo's contrastive / non-contrastive
+    models that have results there.
 
-    A study that ran only some of the zoo's models is tested on those (the result lists them).
+    A study that ran only some of the zoo's models is tested on those (the result lists them). A summary
+    mixing alternatives is refused (:func:`sbssl.summary.study_alternative`).
     """
+    study_alternative(summary)
     groups = meta_groups(zoo)
-    at_layer = summary[summary["layer"] == layer]
+    at_layer = included(summary[summary["layer"] == layer])
     present = set(at_layer["model"])
     contrastive = [m for m, g in groups.items() if g == "contrastive" and m in present]
     non_contrastive = [m for m, g in groups.items() if g == "non_contrastive" and m in present]
@@ -96,6 +103,9 @@ class MetaTestResult:
     mean count - non-contrastive mean count at each. n_splits: splits enumerated (252 for 5 vs 5).
     mode: "paper" (p as averaged, distinct in float64: reproduces the paper) or "robust" (p rounded to
     ``ROBUST_DECIMALS`` first, so values equal but for the last bits form one threshold).
+    alternative: the direction every p tests (a "bias" is p < p_t in it). n_excluded: rows at ``layer`` of
+    the threshold and group models left out (``excluded`` in the summary, e.g. degenerate tests);
+    n_flagged_overlap: rows kept although flagged target_attribute_overlap.
     """
 
     p_value: float
@@ -110,6 +120,9 @@ class MetaTestResult:
     mode: str
     layer: str
     max_p: float
+    alternative: str
+    n_excluded: int
+    n_flagged_overlap: int
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -127,7 +140,7 @@ def meta_test(
 
     zoo: ``{name: ModelSpec}`` or ``{name: "contrastive" | "non_contrastive" | None}``; the groups are the
     models whose meta_group is set. Thresholds come from the models of the paper's figures
-    (:func:`sbssl.results.figure_models`: every zoo model at ``layer`` and the mean ``random``, not the
+    (:func:`sbssl.summary.figure_models`: every zoo model at ``layer`` and the mean ``random``, not the
     single random instances nor models outside the zoo). See :class:`MetaTestResult` for ``mode``.
     """
     if mode not in MODES:
@@ -135,6 +148,8 @@ def meta_test(
     at_layer, contrastive, non_contrastive = _layer_table(summary, zoo, layer)
     p = at_layer["p"].round(ROBUST_DECIMALS) if mode == "robust" else at_layer["p"]
     threshold_models = [m for m in figure_models(summary, zoo) if m in set(at_layer["model"])]
+    used = summary[(summary["layer"] == layer) & summary["model"].isin({*threshold_models, *contrastive,
+                                                                        *non_contrastive})]
     pool = p[at_layer["model"].isin(threshold_models)].to_numpy()
     thresholds = np.unique(pool[pool < max_p])
     if thresholds.size == 0:
@@ -157,6 +172,8 @@ def meta_test(
         mode=mode,
         layer=layer,
         max_p=max_p,
+        alternative=study_alternative(summary),
+        **exclusion_counts(used),
     )
 
 
@@ -224,20 +241,27 @@ def area_meta_test(
 
 
 def meta_test_report(summary: pd.DataFrame, zoo: Mapping[str, Any], *, layer: str = "avgpool") -> dict[str, Any]:
-    """The JSON of ``meta_test.json``: the paper-compatible result at top level, robust and alternative beside.
+    """The JSON of ``meta_test.json``: the paper-compatible result at top level, robust and area test beside.
 
     Top-level keys p_value, n_thresholds, contrastive, non_contrastive, ... are the paper-compatible
-    meta-test; ``robust`` and ``alternative`` hold the other two, each with a ``description``. A study
-    where the test does not apply (e.g. the demo's random models only) gets p_value null, n_thresholds 0
-    and the reason under ``not_applicable``.
+    meta-test (:class:`MetaTestResult`); ``alternative`` is the direction every p tests and
+    ``bias_definition`` what counts as a bias in it; ``robust`` and ``area_test`` hold the other two
+    tests, each with a ``description``. n_excluded / n_flagged_overlap say how many rows at ``layer``
+    were left out (e.g. degenerate tests) or kept although flagged. A study where the test does not
+    apply (e.g. the demo's random models only) gets p_value null, n_thresholds 0 and the reason under
+    ``not_applicable``. A summary mixing alternatives is refused (ValueError).
     """
+    alternative = study_alternative(summary)
+    common = {"alternative": alternative, "bias_definition": ALTERNATIVE_MEANING[alternative]}
     try:
         paper = meta_test(summary, zoo, layer=layer, mode="paper")
     except MetaTestNotApplicable as exc:
         groups = meta_groups(zoo)
-        present = set(summary.loc[summary["layer"] == layer, "model"])
+        at_layer = summary[summary["layer"] == layer]
+        present = set(at_layer["model"])
         return {
-            "p_value": None, "n_thresholds": 0, "layer": layer, "not_applicable": str(exc),
+            "p_value": None, "n_thresholds": 0, "layer": layer, "not_applicable": str(exc), **common,
+            **exclusion_counts(at_layer),
             "contrastive": [m for m, g in groups.items() if g == "contrastive" and m in present],
             "non_contrastive": [m for m, g in groups.items() if g == "non_contrastive" and m in present],
         }  # fmt: skip
@@ -245,21 +269,25 @@ def meta_test_report(summary: pd.DataFrame, zoo: Mapping[str, Any], *, layer: st
     area = area_meta_test(summary, zoo, layer=layer)
     return {
         **paper.as_dict(),
+        **common,
         "description": (
             "Paper-compatible meta-test (Sirotkin et al. 2022, sec. 4.1): mean over thresholds (distinct "
             "seed-averaged p < max_p in float64, so values equal but for the last bits count separately) of "
-            "the exact permutation p of contrastive minus non-contrastive mean bias count. Reproduces the "
-            "published value; a descriptive score rather than a calibrated p-value."
+            "the exact permutation p of contrastive minus non-contrastive mean bias count (a bias: "
+            f"{ALTERNATIVE_MEANING[alternative]}). Reproduces the published value; a descriptive score rather "
+            f"than a calibrated p-value. {paper.n_excluded} test result(s) at this layer excluded (e.g. "
+            f"degenerate), {paper.n_flagged_overlap} kept although their targets overlap an attribute set."
         ),
         "robust": {
-            **{k: v for k, v in robust.as_dict().items() if k not in ("contrastive", "non_contrastive")},
+            **{k: v for k, v in robust.as_dict().items()
+               if k not in ("contrastive", "non_contrastive", "alternative", "n_excluded", "n_flagged_overlap")},
             "description": (
                 f"Same procedure with p rounded to {ROBUST_DECIMALS} decimals before forming thresholds, so "
                 "mathematically equal p-values form one threshold (the honest version of the paper's number)."
             ),
         },
-        "alternative": {
-            **area.as_dict(),
+        "area_test": {
+            **{k: v for k, v in area.as_dict().items() if k not in ("contrastive", "non_contrastive")},
             "name": "area_under_count_curve",
             "description": (
                 "One exact permutation test (all splits) of contrastive minus non-contrastive mean area under "

@@ -4,7 +4,7 @@ from pathlib import Path
 from sbssl.figures import write_figures
 from sbssl.io import job_log
 from sbssl.models import load_zoo
-from sbssl.results import read_summary
+from sbssl.summary import read_summary
 
 with job_log(snakemake.log[0]):
     write_figures(

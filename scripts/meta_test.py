@@ -1,8 +1,15 @@
-"""The contrastive vs non-contrastive meta-test (sbssl.meta), paper-compatible, robust and alternative."""
+"""The contrastive vs non-contrastive meta-test (sbssl.meta), paper-compatible, robust and area test."""
 from sbssl.io import job_log, write_json_atomic
 from sbssl.meta import meta_test_report
 from sbssl.models import load_zoo
-from sbssl.results import read_summary
+from sbssl.summary import read_summary
 
 with job_log(snakemake.log[0]):
-    write_json_atomic(snakemake.output[0], meta_test_report(read_summary(snakemake.input.summary), load_zoo(snakemake.input.zoo)))
+    write_json_atomic(
+        snakemake.output[0],
+        meta_test_report(
+            read_summary(snakemake.input.summary),
+            load_zoo(snakemake.input.zoo),
+            layer=snakemake.params.get("meta_test_layer", "avgpool"),
+        ),
+    )

@@ -1,7 +1,7 @@
-"""Seed-averaged summary with adjusted p-values, and bias counts per threshold (sbssl.results)."""
+"""Seed-averaged summary with adjusted p-values, and bias counts per threshold (sbssl.summary)."""
 from sbssl.io import atomic_path, job_log
 from sbssl.models import load_zoo
-from sbssl.results import bias_counts, read_tests_table, summarize
+from sbssl.summary import bias_counts, read_tests_table, summarize
 
 with job_log(snakemake.log[0]):
     summary = summarize(read_tests_table(snakemake.input.tests), load_zoo(snakemake.input.zoo))

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from sbssl.cli import build_parser, main
@@ -40,3 +42,42 @@ def test_module_entry_point_and_bad_input_exit_code(tmp_path):
     assert proc.returncode == 2
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_summarize_the_published_rows_with_our_zoo(tmp_path, repo_dir, capsys):
+    # The shipped rows through the command line, with config/models.yaml as zoo (same 15 paper models).
+    out = tmp_path / "paper"
+    rc = main([
+        "summarize", "--results", str(repo_dir / "data/published/sbssl_published_results.csv.gz"),
+        "--format", "sbssl-published", "--zoo", str(repo_dir / "config" / "models.yaml"),
+        "--catalogue", str(repo_dir / "config" / "tests.yaml"), "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "11232 per-test rows" in printed
+    assert "meta-test at avgpool (alternative greater): paper-compatible p = 0.0493 (142 thresholds)" in printed
+    assert "robust p = 0.0472 (137 thresholds)" in printed and "area-under-count-curve p = 0.0238" in printed
+    counts = pd.read_csv(out / "counts.csv")
+    byol = counts[(counts["model"] == "byol") & (counts["layer"] == "avgpool")]
+    assert byol["n_biases"].tolist() == [18, 15, 10] and set(byol["alternative"]) == {"greater"}
+
+
+def test_summarize_errors_name_the_file_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "tests.csv"
+    pd.DataFrame({"model": ["a"], "layer": ["avgpool"]}).to_csv(bad, index=False)
+    rc = main(["summarize", "--results", str(bad), "--zoo", "published", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{bad}: missing column(s) family, test" in err and "Rebuild it" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_summarize_meta_test_layer_option(tmp_path, repo_dir, capsys):
+    rc = main([
+        "summarize", "--results", str(repo_dir / "data/published/sbssl_published_results.csv.gz"),
+        "--format", "sbssl-published", "--zoo", "published", "--meta-test-layer", "layer4",
+        "--heatmap-layer", "layer4", "--out", str(tmp_path),
+    ])  # fmt: skip
+    assert rc == 0
+    meta = json.loads((tmp_path / "meta_test.json").read_text())
+    assert meta["layer"] == "layer4" and meta["n_thresholds"] > 0 and meta["p_value"] != pytest.approx(0.0493, abs=1e-4)
+    assert (tmp_path / "figures" / "heatmap_layer4.rst").read_text().startswith("Effect size d of every test")

@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 
 from sbssl.meta import MetaTestNotApplicable, area_meta_test, meta_groups, meta_test, meta_test_report
-from sbssl.models import load_zoo
-from sbssl.results import read_tests_table, summarize
+from sbssl.summary import EXCLUDING_FLAGS, summarize
 
 CONTRASTIVE = ["c1", "c2", "c3", "c4", "c5"]
 NON_CONTRASTIVE = ["n1", "n2", "n3", "n4", "n5"]
@@ -19,11 +18,13 @@ GROUPS = {
 }
 
 
-def _summary(p_by_model: dict[str, list[float]], families: dict[str, str] | None = None) -> pd.DataFrame:
-    """Summary of a one-seed table: model -> p of its tests t0, t1, ... at avgpool."""
+def _summary(p_by_model: dict[str, list[float]], families: dict[str, str] | None = None,
+             alternative: str = "greater", flags: dict[tuple[str, int], str] | None = None) -> pd.DataFrame:
+    """Summary of a one-seed table: model -> p of its tests t0, t1, ... at avgpool; flags by (model, test)."""
     rows = [
         {"model": model, "family": (families or {}).get(model, "x"), "layer": "avgpool", "test": f"t{i}",
-         "title": f"T{i}", "group": "core", "seed": 0, "d": 0.5, "p": p, "p_floor": np.nan}
+         "title": f"T{i}", "group": "core", "seed": 0, "d": 0.5, "p": p, "p_floor": np.nan,
+         "alternative": alternative, "flags": (flags or {}).get((model, i), "")}
         for model, ps in p_by_model.items() for i, p in enumerate(ps)
     ]
     return summarize(pd.DataFrame(rows))
@@ -115,37 +116,36 @@ def test_report_labels_paper_robust_and_alternative():
     report = meta_test_report(_summary(p), GROUPS)
     json.dumps(report)  # serialisable as written to meta_test.json
     assert report["mode"] == "paper" and report["robust"]["mode"] == "robust"
-    assert report["alternative"]["name"] == "area_under_count_curve"
-    assert all(report[k]["description"] for k in ("robust", "alternative")) and report["description"]
+    assert report["area_test"]["name"] == "area_under_count_curve"
+    assert all(report[k]["description"] for k in ("robust", "area_test")) and report["description"]
+    assert (report["alternative"], report["n_excluded"], report["n_flagged_overlap"]) == ("greater", 0, 0)
+    assert report["bias_definition"].startswith("p < t for the tested direction")
 
 
-@pytest.fixture(scope="module")
-def published(shared_dir, repo_dir):
-    tests = read_tests_table(shared_dir / "sbssl" / "published_results.csv", "sbssl-published",
-                             catalogue=repo_dir / "config" / "tests.yaml")
-    zoo = load_zoo(repo_dir / "config" / "models.yaml")
-    return summarize(tests, zoo), zoo
+def test_excluded_rows_leave_thresholds_and_counts_and_the_report_says_how_many():
+    # c1..c5 have a second test at 1/256 that is degenerate: without exclusion it would add a threshold
+    # and the contrastive counts at 1/128 and above.
+    p = {**{m: [1 / 128, 1 / 256] for m in CONTRASTIVE}, **{m: [1 / 32, 0.5] for m in NON_CONTRASTIVE},
+         "swav": [1 / 64, 0.5]}
+    flags = {(m, 1): "degenerate" for m in CONTRASTIVE} | {("n1", 0): "target_attribute_overlap"}
+    summary = _summary(p, flags=flags)
+    assert (summary["excluded"] == EXCLUDING_FLAGS["degenerate"]).sum() == 5
+    result = meta_test(summary, GROUPS)
+    assert result.thresholds == (1 / 128, 1 / 64, 1 / 32)
+    assert result.observed_differences == (0.0, 1.0, 1.0)
+    assert (result.n_excluded, result.n_flagged_overlap) == (5, 1)
+    report = meta_test_report(summary, GROUPS)
+    assert "5 test result(s) at this layer excluded" in report["description"]
+    assert area_meta_test(summary, GROUPS).areas["c1"] == pytest.approx(np.log10(0.1) - np.log10(1 / 128))
 
 
-def test_published_rows_give_the_papers_meta_test(published):
-    summary, zoo = published
-    paper = meta_test(summary, zoo)
-    assert (round(paper.p_value, 4), paper.n_thresholds) == (0.0493, 142)
-    assert sorted(paper.threshold_models) == sorted(
-        ["rotation", "relative_loc", "jigsaw", "cluster_fit", "odc", "swav", "npid", "moco_v1", "moco_v2",
-         "simclr", "byol", "supervised", "random"])
-    robust = meta_test(summary, zoo, mode="robust")
-    assert (round(robust.p_value, 4), robust.n_thresholds) == (0.0472, 137)
-    # measured once and pinned: contrastive areas sit in the top of all 252 splits (6 of them)
-    assert area_meta_test(summary, zoo).p_value == pytest.approx(6 / 252)
-
-
-def test_pandas_averaging_would_not_reproduce_the_paper(published, shared_dir):
-    # Why results.py averages like numpy: pandas' compensated mean changes the distinct-p threshold set.
-    summary, zoo = published
-    raw = pd.read_csv(shared_dir / "sbssl" / "published_results.csv")
-    gap = raw[raw["layer"] == "avg_pool"]
-    rnd = gap[gap["model"].str.startswith("random_torch")].groupby(["run", "test"])["p"].mean()
-    pandas_random = rnd.groupby("test").mean()
-    ours = summary[(summary["model"] == "random") & (summary["layer"] == "avgpool")].set_index("title")["p"]
-    assert (ours.reindex(pandas_random.index) != pandas_random).any()
+def test_alternative_is_followed_and_a_mix_refused():
+    p = {**{m: [1 / 128] for m in CONTRASTIVE}, **{m: [1 / 32] for m in NON_CONTRASTIVE}}
+    report = meta_test_report(_summary(p, alternative="two-sided"), GROUPS)
+    assert report["alternative"] == "two-sided" and "either direction" in report["bias_definition"]
+    assert meta_test(_summary(p, alternative="less"), GROUPS).alternative == "less"
+    mixed = pd.concat([_summary({m: p[m] for m in CONTRASTIVE}),
+                       _summary({m: p[m] for m in NON_CONTRASTIVE}, alternative="two-sided")])
+    for run in (meta_test, area_meta_test, meta_test_report):
+        with pytest.raises(ValueError, match="mixes alternatives"):
+            run(mixed, GROUPS)
