@@ -336,8 +336,8 @@ def _record(definition: ModelDefinition, lock_path: Path, sha256: str) -> None:
                 )
             return
         entries[definition.name] = LockedWeights(url=weights.url, sha256=sha256)
-        body = yaml.safe_dump(
-            {name: asdict(entries[name]) for name in sorted(entries)}, sort_keys=True, width=10_000
+        body = yaml.safe_dump(  # models sorted by name; url before sha256 within each
+            {name: asdict(entries[name]) for name in sorted(entries)}, sort_keys=False, width=10_000
         )
         write_text_atomic(lock_path, _LOCK_HEADER + body)
 
