@@ -390,7 +390,8 @@ def test_zoo_refuses_a_repeated_key(tmp_path: Path) -> None:
     text = ZOO.read_text()
     path = tmp_path / "zoo.yaml"
     # a second 'byol:' entry would silently replace the first with a plain YAML loader
-    path.write_text(text + "  byol:\n    title: Other\n    family: random\n    architecture: resnet50\n    init_seed: 5\n")
+    second = "  byol:\n    title: Other\n    family: random\n    architecture: resnet50\n    init_seed: 5\n"
+    path.write_text(text + second)
     with pytest.raises(ValueError, match=r"(?s)zoo.yaml.*'byol' a second time"):
         load_zoo(path)
 
@@ -430,7 +431,8 @@ def test_first_fetch_locks_the_digest_and_a_different_valid_checkpoint_then_fail
     path = fetch_weights(definition, pretrains, lock, progress=False)
     assert read_weights_lock(lock) == {"tv": LockedWeights(good.as_uri(), _sha(good))}
     text = lock.read_text()
-    assert text.startswith("# Full sha256") and text.endswith(f"\ntv:\n  url: {good.as_uri()}\n  sha256: {_sha(good)}\n")
+    assert text.startswith("# Full sha256")
+    assert text.endswith(f"\ntv:\n  url: {good.as_uri()}\n  sha256: {_sha(good)}\n")
     assert verify_weights(definition, path, lock) == _sha(good)
     # someone puts another valid checkpoint in place: it loads fine, but it is not this model's file
     shutil.copyfile(other, path)
