@@ -170,3 +170,69 @@ def test_paper_figure_data_equal_the_counts(paper_dir):
 # once from the shipped rows; per model: rotation 0, relative_loc 10, jigsaw 3, cluster_fit 4, odc 1,
 # swav 3, npid 9, moco_v1 10, moco_v2 9, simclr 7, byol 8, supervised 6, random 7).
 PAPER_FIGURE4_PER_FAMILY = {"geometric": 13, "clustering": 8, "contrastive": 43, "supervised": 6, "random": 7}
+
+
+def test_runner_table_with_a_degenerate_and_an_overlapping_test_runs_the_whole_study(tmp_path):
+    # The contract with sbssl.runner: tests.csv as tests_table writes it, read back, summarised end to end.
+    import h5py
+    from PIL import Image
+
+    from sbssl.catalogue import AssociationTestSpec
+    from sbssl.models import ModelSpec
+    from sbssl.runner import TESTS_TABLE_COLUMNS, record_association_test, tests_table
+    from sbssl.storage import write_sha256
+    from sbssl.stimuli import build_manifest, distinct_images, write_manifest
+    from sbssl.summary import read_tests_table
+
+    rng = np.random.default_rng(0)
+    for folder, n in (("c/x", 4), ("c/y", 4), ("c/a", 3), ("c/b", 3), ("c/b2", 3)):
+        for i in range(n):
+            path = tmp_path / "stimuli" / folder / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "stimuli/c/a/shared.png").write_bytes((tmp_path / "stimuli/c/x/0.png").read_bytes())  # overlap
+    for folder in ("c/same1", "c/same2"):  # one image repeated on both sides: every s(w) equal
+        (tmp_path / "stimuli" / folder).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "stimuli" / folder / f"{i}.png").write_bytes((tmp_path / "stimuli/c/y/0.png").read_bytes())
+    manifest = build_manifest(tmp_path / "stimuli")
+    write_manifest(manifest, tmp_path / "manifest.csv")
+    hashes = distinct_images(manifest)["sha256"].tolist()
+    catalogue = [AssociationTestSpec("t_ok", "OK", "core", "c/x", "c/y", "c/b", "c/b2"),
+                 AssociationTestSpec("i_overlap", "Overlap", "intersectional", "c/x", "c/y", "c/a", "c/b"),
+                 AssociationTestSpec("i_flat", "Flat", "intersectional", "c/same1", "c/same2", "c/a", "c/b")]
+    zoo = {}
+    paths = []
+    for m, (name, group) in enumerate([(f"c{i}", "contrastive") for i in range(1, 3)]
+                                      + [(f"n{i}", "non_contrastive") for i in range(1, 3)]):
+        zoo[name] = ModelSpec(name=name, title=name.upper(), family="contrastive" if group == "contrastive" else
+                              "geometric", meta_group=group, imagenet_top1=None, architecture="resnet50",
+                              weights=None, init_seed=m)
+        vectors = rng.standard_normal((len(hashes), 8))
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        with h5py.File(tmp_path / f"{name}.h5", "w") as f:
+            f.create_dataset("similarity", data=unit @ unit.T)
+            write_sha256(f, hashes)
+            f.attrs.update({"model": name, "layer": "avgpool", "preprocessing": "sbssl", "pooling": "flatten"})
+        for spec in catalogue:
+            for seed in (0, 1):
+                out = tmp_path / "out" / f"{name}_{spec.id}_{seed}.json"
+                record_association_test(tmp_path / f"{name}.h5", tmp_path / "manifest.csv", spec, out,
+                                        tmp_path / "log" / f"{out.stem}.log", model=name, layer="avgpool",
+                                        seed=seed, permutations=50, n_boot=50)  # fmt: skip
+                paths.append(out)
+    table = tests_table(paths, zoo, catalogue)
+    assert list(table.columns) == list(TESTS_TABLE_COLUMNS)
+    table.to_csv(tmp_path / "tests.csv", index=False)
+    tests = read_tests_table(tmp_path / "tests.csv", catalogue=catalogue)
+    result = write_study_summary(tests, zoo, tmp_path / "study")
+    summary = read_summary(result["summary"]).set_index(["model", "test"])
+    assert (summary.xs("i_flat", level="test")["excluded"] == EXCLUDING_FLAGS["degenerate"]).all()
+    assert (summary.xs("i_overlap", level="test")["flags"] == "target_attribute_overlap").all()
+    assert (summary.xs("i_overlap", level="test")["excluded"] == "").all()
+    ok = summary.loc[("c1", "t_ok")]
+    assert ok["d_ci_low"] < ok["d"] < ok["d_ci_high"]
+    counts = pd.read_csv(result["counts"])
+    assert (counts["n_tests"] == 2).all() and (counts["n_excluded"] == 1).all()
+    meta = json.loads(result["meta_test"].read_text())
+    assert (meta["n_excluded"], meta["n_flagged_overlap"]) == (4, 4)
