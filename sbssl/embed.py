@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import cv2
 import h5py
@@ -228,7 +228,7 @@ def embed_layers(
     pooling: ``flatten`` keeps the whole map (C*H*W values per image, 802,816 at layer1, C-major order);
         ``mean`` averages each channel over space (C values).
     dtype: stored type, ``float32`` (default) or ``float16`` (half the disk, but it shifts p-values; see the
-        module docstring); the forward pass itself runs in float32.
+        module docstring); the forward pass itself runs in full float32 (no TF32 on CUDA).
     permute: image sha256 -> seed: these images' network inputs get their spatial positions shuffled
         (:func:`permute_positions`, the pixel-permutation control); the others are embedded as usual. Stored
         as the ``permute`` attribute (:func:`permutation_id`) and the count ``permuted_images``.
@@ -335,6 +335,19 @@ def _reusable(path: Path, wanted: Mapping[str, Any], identity: Sequence[str], ha
     return header.sha256 == hashes
 
 
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """Full float32 arithmetic on CUDA while inside: PyTorch lets cuDNN convolutions use TF32 by default on
+    Ampere and later GPUs (a 10-bit mantissa, as coarse as float16 storage), so a GPU would otherwise compute
+    other embeddings than a CPU. The global flags are restored on exit."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _extract(
     model: torch.nn.Module,
     images: Sequence[tuple[str, str | os.PathLike[str]]],
@@ -401,7 +414,7 @@ def _extract(
         writer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbssl-write"))
         next_batch = loader.submit(load, batches[0])
         written = None
-        with torch.inference_mode():
+        with torch.inference_mode(), _full_float32():
             for k, chunk in enumerate(batches):
                 batch = next_batch.result()
                 if k + 1 < len(batches):

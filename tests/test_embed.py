@@ -267,6 +267,23 @@ def test_a_module_modified_in_place_later_is_stored_as_it_left_the_module(model,
     np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_the_forward_pass_runs_in_full_float32(model, images, tmp_path):
+    # TF32 (PyTorch's default for cuDNN convolutions on recent GPUs) keeps 10 mantissa bits, like float16.
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+    )
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        embed_layers(model, images[:1], out_paths(tmp_path, ["avgpool"]), attrs=ATTRS, layers=["avgpool"], progress=False)
+        assert seen == [(False, False)]
+        assert torch.backends.cudnn.allow_tf32 is True  # restored afterwards
+    finally:
+        handle.remove()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_cache_hit_does_no_work(flat32, model, images):
     folder, _, _ = flat32
     before = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
