@@ -128,7 +128,8 @@ def check_tests_table(table: pd.DataFrame, where: str) -> None:
         model, layer, test = mixed[mixed].index[0]
         raise ValueError(f"{where}: model={model} layer={layer} test={test} has seeds run with different "
                          "alternatives; rerun them with one")
-    excluded = table["flags"].map(exclusion_reason).astype(bool) if "flags" in table else False
+    flags = table["flags"] if "flags" in table else pd.Series("", index=table.index)
+    excluded = flags.map(exclusion_reason).astype(bool)
     p = pd.to_numeric(table["p"], errors="coerce")
     d = pd.to_numeric(table["d"], errors="coerce")
     bad = ((p.isna() | d.isna()) & ~excluded) | (p < 0) | (p > 1)
@@ -155,7 +156,7 @@ def read_tests_table(path: str | Path, catalogue: str | Path | Sequence[Any] | N
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"per-test table not found: {path}")
-    table = pd.read_csv(path, keep_default_na=True)
+    table = pd.read_csv(path)
     check_tests_table(table, str(path))
     for column in OPTIONAL_COLUMNS:
         if column not in table.columns:
