@@ -23,6 +23,9 @@ from sbssl.models import load_zoo, model_definition_dict
 from sbssl.provenance import code_digest
 from sbssl.stimuli import scan_fingerprint
 
+# `--use-conda` jobs install this checkout's sbssl from envs/sbssl.post-deploy.sh, which finds it here.
+os.environ["SBSSL_ROOT"] = str(workflow.basedir)
+
 # Snakemake's YAML loader keeps the last of two equal keys; a config with a repeated key is refused.
 for _configfile in workflow.configfiles:
     read_yaml(_configfile, "workflow config")

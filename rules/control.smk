@@ -14,7 +14,12 @@ def control_definition():
 
 
 def control_embedding_definition(wildcards):
-    return {**embedding_definition(wildcards), "permutation": control_definition()}
+    # control_code: sbssl.control chooses the permuted images (kept beside the later stages' "code")
+    return {
+        **embedding_definition(wildcards),
+        "permutation": control_definition(),
+        "control_code": code_digest("control_embed"),
+    }
 
 
 def control_similarity_definition(wildcards):
