@@ -31,7 +31,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "control_embed": (("embed", "control"), ("stimuli", "weights")),
     "similarity": (("similarity",), ("embed",)),
     "test": (("runner",), ("similarity",)),
-    "tables": (("runner", "results"), ("test",)),
+    "tables": (("per_test_table", "study"), ("test",)),
 }
 
 

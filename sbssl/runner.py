@@ -1,4 +1,4 @@
-"""One association test of the DAG, run from a cached similarity matrix, and the per-test table.
+"""One association test of the DAG, run from a cached similarity matrix, and the result file's contract.
 
 The permutation stage has about 10,500 jobs in the full study, so a job must be cheap: it reads the
 (model, layer) similarity matrix and the stimuli manifest through a small in-process cache (the
@@ -7,7 +7,7 @@ workflow runs these jobs as threads of one Snakemake process) and never imports 
 A result (one JSON file per (model, layer, test, seed) job, keys :data:`RESULT_KEYS`, schema
 :data:`RESULT_SCHEMA`) holds exactly what its numbers depend on: the model, layer, seed, the test's id and
 image sets (:data:`TEST_DEFINITION_KEYS`), the test options and the code. Labels (the model's family, the
-test's title and group) are joined by :func:`tests_table`, so relabelling a model or a test reruns no job.
+test's title and group) are joined by :func:`sbssl.per_test_table.tests_table`, so relabelling a model or a test reruns no job.
 
 Result keys (units: d and its CI dimensionless, statistic in cosine units):
 
@@ -23,19 +23,18 @@ Result keys (units: d and its CI dimensionless, statistic in cosine units):
   attribute, in A or B).
 - sbssl_version, code_digest: :func:`sbssl.provenance.provenance` of the test stage.
 
-Files are standard JSON (null, never NaN). :func:`tests_table` validates every file it reads
-(:func:`check_result`) and names the file and the remedy when one is truncated, foreign or inconsistent.
+Files are standard JSON (null, never NaN). :func:`sbssl.per_test_table.tests_table` validates every file it reads
+(:func:`result_problems`) and names the file and the remedy when one is truncated, foreign or inconsistent.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import jsonschema
 import numpy as np
@@ -109,7 +108,7 @@ RESULT_SCHEMA: dict[str, Any] = {
 _VALIDATOR = jsonschema.Draft202012Validator(RESULT_SCHEMA)
 # p and p_floor are ratios k / n_permutations computed in float64: far below any real difference.
 _P_TOLERANCE = 1e-9
-_RERUN = "delete it and rerun; snakemake reruns that job"
+RERUN_HINT = "delete it and rerun; snakemake reruns that job"
 
 
 def _file_key(path: str | os.PathLike[str], what: str) -> tuple[str, int, int, int]:
@@ -267,65 +266,6 @@ def result_problems(record: Any) -> list[str]:
     elif low is not None and low > high:
         problems.append(f"d_ci_low = {low!r} > d_ci_high = {high!r}")
     return problems
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not standard JSON")
-
-
-def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate one result file (:func:`result_problems`); ValueError naming the file and the
-    remedy when it is not standard JSON (truncated, NaN literals) or breaks the contract."""
-    try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"{path}: not a valid result JSON, probably truncated ({exc}); {_RERUN}") from None
-    problems = result_problems(record)
-    if problems:
-        raise ValueError(
-            f"{path}: not a valid association-test result (written by another sbssl version or edited): "
-            f"{'; '.join(problems)}; {_RERUN}"
-        )
-    return record
-
-
-def _catalogue_labels(catalogue: Iterable[Any] | Mapping[str, Any]) -> dict[str, Any]:
-    specs = catalogue.values() if isinstance(catalogue, Mapping) else catalogue
-    return {spec.id: spec for spec in specs}
-
-
-def tests_table(
-    result_paths: Iterable[str | os.PathLike[str]],
-    zoo: Mapping[str, Any],
-    catalogue: Iterable[Any] | Mapping[str, Any],
-) -> pd.DataFrame:
-    """Read and validate the per-job result files (:func:`read_result`) into the per-test table.
-
-    ``zoo``: ``{name: ModelSpec}`` (its ``family`` is joined); ``catalogue``: AssociationTestSpec list or
-    ``{id: spec}`` (``title`` and ``group`` are joined). Columns :data:`TESTS_TABLE_COLUMNS`; d and the CI
-    bounds are NaN where null. Rows sorted by model, layer, test, seed, so the table is byte-identical
-    however the jobs ran. ValueError naming the file for an invalid file, a model outside the zoo, a test
-    outside the catalogue, or two files for one (model, layer, test, seed).
-    """
-    tests = _catalogue_labels(catalogue)
-    records, seen = [], {}
-    for path in result_paths:
-        record = read_result(path)
-        if record["model"] not in zoo:
-            raise ValueError(
-                f"{path}: model {record['model']!r} is not in the zoo; add it to the zoo file or delete the file"
-            )
-        if record["test"] not in tests:
-            raise ValueError(f"{path}: test {record['test']!r} is not in the catalogue; add it or delete the file")
-        key = (record["model"], record["layer"], record["test"], record["seed"])
-        if key in seen:
-            raise ValueError(f"{path} and {seen[key]} are both results of {key}; delete the stray one")
-        seen[key] = path
-        spec = tests[record["test"]]
-        records.append({**record, "family": zoo[record["model"]].family, "title": spec.title, "group": spec.group})
-    table = pd.DataFrame.from_records(records, columns=list(TESTS_TABLE_COLUMNS))
-    table = table.astype({"d": "float64", "d_ci_low": "float64", "d_ci_high": "float64"})
-    return table.sort_values(["model", "layer", "test", "seed"], kind="stable").reset_index(drop=True)
 
 
 def record_association_test(

@@ -3,7 +3,7 @@ the model's family from the zoo, the test's title and group from the catalogue (
 from sbssl.catalogue import load_catalogue
 from sbssl.io import atomic_path, job_log
 from sbssl.models import load_zoo
-from sbssl.runner import tests_table
+from sbssl.per_test_table import tests_table
 
 with job_log(snakemake.log[0]):
     table = tests_table(
