@@ -44,7 +44,7 @@ rule meta_test:
             category="Meta-test",
         ),
     params:
-        layer=config["summary"]["meta_test_layer"],
+        meta_test_layer=config["summary"]["meta_test_layer"],
         code=code_digest("tables"),
     log:
         f"{R}/logs/meta_test.log",

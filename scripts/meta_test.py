@@ -10,6 +10,6 @@ with job_log(snakemake.log[0]):
         meta_test_report(
             read_summary(snakemake.input.summary),
             load_zoo(snakemake.input.zoo),
-            layer=snakemake.params.get("meta_test_layer", "avgpool"),
+            layer=snakemake.params.meta_test_layer,
         ),
     )
