@@ -24,7 +24,7 @@ from sbssl.provenance import code_digest
 from sbssl.stimuli import scan_fingerprint
 
 # `--use-conda` jobs install this checkout's sbssl from envs/sbssl.post-deploy.sh, which finds it here.
-os.environ["SBSSL_ROOT"] = str(workflow.basedir)
+os.environ.update(SBSSL_ROOT=str(workflow.basedir))
 
 # Snakemake's YAML loader keeps the last of two equal keys; a config with a repeated key is refused.
 for _configfile in workflow.configfiles:
@@ -82,7 +82,7 @@ def stimuli_root():
 
 
 if LOCAL_STIMULI is not None:
-    # A local tree is used in place, so no rule makes it: check the catalogue's folders against it by the
+    # A local tree is used in place (no job makes it): check the catalogue's folders against it by the
     # scan's own rules before any job runs, and fingerprint its content (sizes and mtimes first, hashes
     # only where they changed) so that the manifest job reruns exactly when an image changes.
     try:
@@ -137,6 +137,36 @@ def test_definition(wildcards):
 def test_upstream(wildcards):
     """The definition of the similarity matrix this test reads, and the test stage's code."""
     return {**similarity_definition(wildcards), "code": code_digest("test")}
+
+
+# The pixel-permutation control (rules/control.smk) writes under C; its embeddings also depend on which
+# images are permuted.
+C = f"{R}/control"
+
+
+def control_definition():
+    """What the control's permutation depends on: the control tests' image sets and the seed."""
+    return {
+        "tests": [test_sets(t) for t in CONTROL_TESTS],
+        "seed": config["control"]["seed"],
+    }
+
+
+def control_embedding_definition(wildcards):
+    # control_code: sbssl.control chooses the permuted images (kept beside the later stages' "code")
+    return {
+        **embedding_definition(wildcards),
+        "permutation": control_definition(),
+        "control_code": code_digest("control_embed"),
+    }
+
+
+def control_similarity_definition(wildcards):
+    return {**control_embedding_definition(wildcards), "code": code_digest("similarity")}
+
+
+def control_test_upstream(wildcards):
+    return {**control_similarity_definition(wildcards), "code": code_digest("test")}
 
 
 def embedding_outputs(prefix):

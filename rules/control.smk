@@ -2,34 +2,6 @@
 # with the spatial positions of each target image's input tensor shuffled after preprocessing (a seeded
 # permutation per image, sbssl.control), and the control tests re-run on those embeddings. Attribute
 # images are embedded as they are. The same rules as the main branch, under {results}/control/.
-C = f"{R}/control"
-
-
-def control_definition():
-    """What the control's permutation depends on: the control tests' image sets and the seed."""
-    return {
-        "tests": [test_sets(t) for t in CONTROL_TESTS],
-        "seed": config["control"]["seed"],
-    }
-
-
-def control_embedding_definition(wildcards):
-    # control_code: sbssl.control chooses the permuted images (kept beside the later stages' "code")
-    return {
-        **embedding_definition(wildcards),
-        "permutation": control_definition(),
-        "control_code": code_digest("control_embed"),
-    }
-
-
-def control_similarity_definition(wildcards):
-    return {**control_embedding_definition(wildcards), "code": code_digest("similarity")}
-
-
-def control_test_upstream(wildcards):
-    return {**control_similarity_definition(wildcards), "code": code_digest("test")}
-
-
 use rule embed_layers as control_embed_layers with:
     output:
         embedding_outputs(C),

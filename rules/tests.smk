@@ -27,19 +27,10 @@ rule association_test:
         from sbssl.runner import record_association_test
 
         record_association_test(
-            input.similarity,
-            input.manifest,
-            params.test,
-            output[0],
-            log[0],
-            model=wildcards.model,
-            layer=wildcards.layer,
-            seed=int(wildcards.seed),
-            permutations=params.permutations,
-            alternative=params.alternative,
-            n_boot=params.bootstrap["n_boot"],
-            confidence=params.bootstrap["confidence"],
-        )
+            input.similarity, input.manifest, params.test, output[0], log[0],
+            model=wildcards.model, layer=wildcards.layer, seed=int(wildcards.seed),
+            permutations=params.permutations, alternative=params.alternative, **params.bootstrap,
+        )  # fmt: skip
 
 
 rule tests_table:
