@@ -1,0 +1,133 @@
+"""Kernel ridge probes on cosine-similarity matrices: decodability, permutation p, task accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import RidgeCV
+
+from sbssl import probes as P
+
+
+def cosine(x: np.ndarray) -> np.ndarray:
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return x @ x.T
+
+
+def embeddings(n: int, dim: int, seed: int, signal: float = 0.0, labels: np.ndarray | None = None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)) + 1.0  # all-positive-ish cosines, like post-ReLU feature maps
+    if labels is not None:
+        x[:, 0] += signal * (2 * labels - 1)
+    return x
+
+
+def test_separable_attribute_is_decoded_with_smallest_p():
+    labels = np.repeat([0, 1], 40)
+    result = P.representation_leakage(cosine(embeddings(80, 300, 0, 8.0, labels)), labels, permutations=99, seed=1)
+    assert result["accuracy_mean"] > 0.97
+    assert result["p_value"] == pytest.approx(1 / 100)
+    assert result["null_mean"] == pytest.approx(0.5, abs=0.03)
+    assert (result["n_images"], result["n_per_class"], result["classes"]) == (80, [40, 40], ["0", "1"])
+    assert (result["metric"], result["chance"], result["folds"], result["repeats"]) == ("balanced_accuracy", 0.5, 5, 5)
+
+
+def test_label_independent_attribute_is_at_chance():
+    labels = np.repeat(["female", "male"], [45, 55])
+    result = P.representation_leakage(cosine(embeddings(100, 300, 2)), labels, permutations=199, seed=3)
+    assert result["accuracy_mean"] == pytest.approx(0.5, abs=0.07)
+    assert result["p_value"] > 0.1
+    assert result["classes"] == ["female", "male"]
+
+
+def test_null_is_centred_on_chance():
+    """Shuffled labels are not stratified: a test fold with more of one class leaves fewer of it in training.
+    A decision that kept the training fold's class shares (the intercept) scored them ~0.43 on average,
+    which made p too small; averaged over data sets the null must sit at chance."""
+    nulls = []
+    for seed in range(4):
+        labels = np.repeat([0, 1], 30)
+        nulls.append(P.representation_leakage(cosine(embeddings(60, 200, seed)), labels, repeats=2,
+                                              permutations=100, seed=seed)["null_mean"])
+    assert np.mean(nulls) == pytest.approx(0.5, abs=0.02)
+
+
+def test_probe_is_ridge_with_intercept_and_leave_one_out_penalty():
+    """One fold's scores equal scikit-learn's RidgeCV (efficient LOO, intercept) on the normalised embeddings,
+    minus its intercept (the decision ignores the training class shares)."""
+    rng = np.random.default_rng(4)
+    x = embeddings(50, 30, 4)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = rng.integers(0, 3, 50)
+    x[:, 0] += 0.3 * labels
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    train, test = np.arange(38), np.arange(38, 50)
+    onehot = np.eye(3)[labels][:, None, :]  # one problem
+    scores = P._FoldModel(x @ x.T, train, test).scores(onehot)[:, 0, :]
+    centred = x[train] - x[train].mean(axis=0)
+    mean_eig = np.linalg.eigvalsh(centred @ centred.T).clip(min=0)
+    mean_eig = mean_eig[mean_eig > P.EIGEN_RTOL * mean_eig.max()].mean()
+    ridge = RidgeCV(alphas=np.array(P.RELATIVE_PENALTIES) * mean_eig, fit_intercept=True).fit(x[train], np.eye(3)[labels[train]])
+    expected = ridge.predict(x[test]) - np.eye(3)[labels[train]].mean(axis=0)
+    np.testing.assert_allclose(scores, expected, atol=1e-8)
+
+
+def test_probe_accuracy_multiclass():
+    classes = np.repeat(["cat", "dog", "owl"], [20, 25, 30])
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(3, 100)) * 3
+    x = centres[np.searchsorted(["cat", "dog", "owl"], classes)] + rng.normal(size=(75, 100))
+    result = P.probe_accuracy(cosine(x), classes, seed=0)
+    assert result["accuracy_mean"] > 0.95
+    assert result["metric"] == "accuracy" and result["chance"] == pytest.approx(30 / 75)
+    assert result["p_value"] is None and result["permutations"] == 0
+    noise = P.probe_accuracy(cosine(embeddings(75, 100, 6)), classes, seed=0)
+    assert noise["accuracy_mean"] < 0.5
+
+
+def test_seeded():
+    labels = np.repeat([0, 1], 30)
+    k = cosine(embeddings(60, 50, 7, 1.0, labels))
+    a = P.representation_leakage(k, labels, permutations=20, seed=5)
+    assert a == P.representation_leakage(k, labels, permutations=20, seed=5)
+    assert a != P.representation_leakage(k, labels, permutations=20, seed=6)
+    one = P.representation_leakage(k, labels, repeats=1, permutations=0)
+    assert one["accuracy_std"] == 0.0 and one["p_value"] is None
+
+
+def test_identical_images_give_chance_not_an_error():
+    labels = np.repeat([0, 1], 10)
+    result = P.representation_leakage(np.ones((20, 20)), labels, permutations=10)
+    assert result["accuracy_mean"] == 0.5
+
+
+@pytest.mark.parametrize("kernel, labels, match", [
+    (np.ones((4, 5)), [0, 1, 0, 1], "square"),
+    (np.array([[1.0, 0.2], [0.3, 1.0]]), [0, 1], "not symmetric"),
+    (np.full((2, 2), np.nan), [0, 1], "non-finite"),
+    (np.eye(10), [0] * 10, "binary attribute"),
+    (np.eye(10), [0, 1, 2] * 3 + [0], "binary attribute"),
+    (np.eye(10), [0] * 7 + [1] * 3, r"class\(es\) \{'1': 3\} have fewer images than folds=5"),
+    (np.eye(10), [0, 1] * 4, "one label per row"),
+])
+def test_bad_input(kernel, labels, match):
+    with pytest.raises(ValueError, match=match):
+        P.representation_leakage(kernel, labels)
+
+
+@pytest.mark.parametrize("option, value", [("folds", 1), ("repeats", 0), ("permutations", -1), ("seed", 1.5)])
+def test_bad_options(option, value):
+    with pytest.raises(ValueError, match=f"{option} must be"):
+        P.representation_leakage(np.eye(10), [0, 1] * 5, **{option: value})
+
+
+def test_labelled_kernel_selects_distinct_labelled_rows():
+    k = np.arange(16, dtype=float).reshape(4, 4)
+    k = k + k.T
+    sub, labels, hashes = P.labelled_kernel(k, ["a", "b", "c", "d"], {"d": "male", "b": "female"})
+    assert hashes == ["b", "d"] and labels.tolist() == ["female", "male"]
+    np.testing.assert_array_equal(sub, k[np.ix_([1, 3], [1, 3])])
+    with pytest.raises(ValueError, match=r"1 labelled image\(s\) are not in the similarity matrix \(first: e\)"):
+        P.labelled_kernel(k, ["a", "b", "c", "d"], {"e": "male"})
+    with pytest.raises(ValueError, match="twice"):
+        P.labelled_kernel(k, ["a", "b", "b", "d"], {"a": "male"})
