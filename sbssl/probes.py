@@ -29,6 +29,9 @@ fresh splits. Each row of the matrix is one distinct image (one sha256): the cal
 images (as the similarity files store them, and :func:`labelled_kernel` selects them), so the same image
 never sits in a training and a test fold. Each repeat predicts every image once (out of fold); its score is
 computed on those pooled predictions.
+
+Outputs: :func:`probe_table` (one row per (model, layer): ``tables/leakage.csv``, and the trade-off table
+after :func:`with_bias_counts`), :func:`plot_decodability` and :func:`plot_tradeoff`.
 """
 
 from __future__ import annotations
@@ -36,8 +39,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # headless: DAG jobs and CI have no display
+
 import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 from sklearn.model_selection import RepeatedStratifiedKFold
+
+from sbssl.layers import LAYER_TITLES
 
 #: Candidate ridge penalties, as multiples of the mean eigenvalue of the centred training kernel.
 RELATIVE_PENALTIES = tuple(float(x) for x in np.logspace(-3, 3, 13))
@@ -288,3 +299,95 @@ def labelled_kernel(
     kernel = np.asarray(similarity, dtype=np.float64)[np.ix_(rows, rows)]
     hashes = [order[i] for i in rows]
     return kernel, np.array([labels_by_sha256[h] for h in hashes]), hashes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-(model, layer) tables and figures
+
+#: Columns of :func:`probe_table` (``tables/leakage.csv``; the trade-off table adds ``n_biases``, ``threshold``).
+PROBE_TABLE_COLUMNS = (
+    "model", "layer", "attribute", "accuracy_mean", "accuracy_std", "p_value", "null_mean", "chance", "metric",
+    "n_images", "folds", "repeats", "permutations",
+)
+
+
+def probe_table(results: Mapping[tuple[str, str], Mapping[str, Any]], attribute: str) -> pd.DataFrame:
+    """One row per (model, layer) of :func:`representation_leakage` or :func:`probe_accuracy` results.
+
+    ``results``: {(model, layer): result dict}, in the order rows should appear (models, then their layers in
+    forward order); ``attribute``: what was decoded (e.g. "gender", or the task's name). Columns
+    :data:`PROBE_TABLE_COLUMNS`.
+    """
+    rows = [{"model": model, "layer": layer, "attribute": attribute, **{k: r.get(k) for k in PROBE_TABLE_COLUMNS[3:]}}
+            for (model, layer), r in results.items()]
+    return pd.DataFrame(rows, columns=list(PROBE_TABLE_COLUMNS))
+
+
+def with_bias_counts(table: pd.DataFrame, counts: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """``table`` (model, layer, ...) with ``n_biases`` and ``threshold`` from a counts table at ``threshold``.
+
+    ``counts``: :func:`sbssl.summary.bias_counts` rows (model, layer, threshold, n_biases, ...). Raises
+    ValueError when the threshold is not in the counts or a (model, layer) of ``table`` has no count.
+    """
+    at = counts[np.isclose(counts["threshold"].astype(float), threshold, rtol=1e-9, atol=0)]
+    if at.empty:
+        raise ValueError(f"no bias counts at threshold {threshold}; counts hold {sorted(set(counts['threshold']))}")
+    merged = table.merge(at[["model", "layer", "n_biases"]], on=["model", "layer"], how="left", validate="one_to_one")
+    missing = merged.loc[merged["n_biases"].isna(), ["model", "layer"]]
+    if len(missing):
+        pairs = ", ".join(f"{m}/{lyr}" for m, lyr in missing.itertuples(index=False))
+        raise ValueError(f"no bias count for {pairs}; the counts table must cover every (model, layer) probed")
+    return merged.assign(n_biases=merged["n_biases"].astype(int), threshold=float(threshold))
+
+
+def _plot_layer_lines(table: pd.DataFrame, x: str, y: str, xlabel: str, ylabel: str) -> Figure:
+    """One line per model through its layers (row order), each point labelled with its layer's short name."""
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for model, rows in table.groupby("model", sort=False):
+        (line,) = ax.plot(rows[x], rows[y], "o-", ms=4, label=str(model))
+        for layer, xv, yv in zip(rows["layer"], rows[x], rows[y]):
+            ax.annotate(LAYER_TITLES.get(layer, str(layer)), (xv, yv), fontsize=6, color=line.get_color(),
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, ncol=2 if table["model"].nunique() > 8 else 1)
+    return fig
+
+
+def plot_decodability(table: pd.DataFrame) -> tuple[Figure, str]:
+    """Gender decodability (y) against the iEAT bias count (x) per layer, one line per model.
+
+    ``table``: :func:`with_bias_counts` of a :func:`probe_table` of representation leakage. Returns
+    ``(Figure, caption)`` as :mod:`sbssl.figures`.
+    """
+    attribute = ", ".join(sorted(set(table["attribute"])))
+    threshold = float(table["threshold"].iloc[0])
+    fig = _plot_layer_lines(table, "n_biases", "accuracy_mean", f"iEAT biases (p < {threshold:g})",
+                            f"{attribute} decodability (balanced accuracy)")
+    fig.axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+    significant = int((table["p_value"] < 0.05).sum()) if table["p_value"].notna().any() else 0
+    caption = (
+        f"Decodability of {attribute} from each layer (cross-validated kernel ridge probe on the cosine "
+        f"similarities of the labelled stimuli, mean over repeats; dashed: chance) against the number of iEAT "
+        f"tests with p < {threshold:g} at that layer. {significant} of {len(table)} (model, layer) pairs decode "
+        f"{attribute} with permutation p < 0.05."
+    )
+    return fig, caption
+
+
+def plot_tradeoff(table: pd.DataFrame) -> tuple[Figure, str]:
+    """The bias-accuracy trade-off: iEAT bias count (y) against task-probe accuracy (x) per layer, one line per model.
+
+    ``table``: :func:`with_bias_counts` of a :func:`probe_table` of :func:`probe_accuracy` results.
+    """
+    task = ", ".join(sorted(set(table["attribute"])))
+    threshold = float(table["threshold"].iloc[0])
+    fig = _plot_layer_lines(table, "accuracy_mean", "n_biases", f"linear-probe accuracy on {task}",
+                            f"iEAT biases (p < {threshold:g})")
+    caption = (
+        f"Bias-accuracy trade-off per layer: cross-validated linear-probe accuracy on {task} (kernel ridge on "
+        f"cosine similarities, mean over repeats) against the number of iEAT tests with p < {threshold:g}; "
+        "a point low and to the right is a layer that transfers well with few biases."
+    )
+    return fig, caption

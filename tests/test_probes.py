@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.linear_model import RidgeCV
 
@@ -131,3 +132,52 @@ def test_labelled_kernel_selects_distinct_labelled_rows():
         P.labelled_kernel(k, ["a", "b", "c", "d"], {"e": "male"})
     with pytest.raises(ValueError, match="twice"):
         P.labelled_kernel(k, ["a", "b", "b", "d"], {"a": "male"})
+
+
+# --- tables and figures ------------------------------------------------------------------------------
+
+
+def layer_results() -> dict[tuple[str, str], dict]:
+    labels = np.repeat([0, 1], 15)
+    out = {}
+    for i, (model, layer) in enumerate([("a", "maxpool"), ("a", "avgpool"), ("b", "maxpool"), ("b", "avgpool")]):
+        out[(model, layer)] = P.representation_leakage(cosine(embeddings(30, 40, i, 2.0 * i, labels)), labels,
+                                                       repeats=2, permutations=20, seed=i)
+    return out
+
+
+def counts_table() -> pd.DataFrame:
+    rows = [(m, lyr, "greater", t, n + (t > 0.02), 39, 0)
+            for (m, lyr), n in {("a", "maxpool"): 3, ("a", "avgpool"): 5, ("b", "maxpool"): 0, ("b", "avgpool"): 8}.items()
+            for t in (0.01, 0.05)]
+    return pd.DataFrame(rows, columns=["model", "layer", "alternative", "threshold", "n_biases", "n_tests", "n_excluded"])
+
+
+def test_probe_table_and_bias_counts():
+    results = layer_results()
+    table = P.probe_table(results, "gender")
+    assert table.columns.tolist() == list(P.PROBE_TABLE_COLUMNS)
+    assert list(zip(table["model"], table["layer"])) == list(results)
+    assert table["accuracy_mean"].tolist() == [r["accuracy_mean"] for r in results.values()]
+    assert (table["attribute"] == "gender").all() and (table["permutations"] == 20).all()
+    merged = P.with_bias_counts(table, counts_table(), 0.05)
+    assert merged["n_biases"].tolist() == [4, 6, 1, 9] and (merged["threshold"] == 0.05).all()
+    with pytest.raises(ValueError, match="no bias counts at threshold 0.1"):
+        P.with_bias_counts(table, counts_table(), 0.1)
+    with pytest.raises(ValueError, match="no bias count for b/avgpool"):
+        P.with_bias_counts(table, counts_table().iloc[:-1], 0.05)
+
+
+def test_figures_draw_one_line_per_model():
+    merged = P.with_bias_counts(P.probe_table(layer_results(), "gender"), counts_table(), 0.01)
+    fig, caption = P.plot_decodability(merged)
+    lines = [line for line in fig.axes[0].lines if line.get_label() in {"a", "b"}]
+    assert [line.get_label() for line in lines] == ["a", "b"]
+    np.testing.assert_array_equal(lines[1].get_xdata(), [0, 8])
+    assert "p < 0.01" in caption and "gender" in caption
+    significant = int((merged["p_value"] < 0.05).sum())
+    assert f"{significant} of 4 (model, layer) pairs" in caption
+    fig, caption = P.plot_tradeoff(merged.assign(attribute="demo classes"))
+    lines = [line for line in fig.axes[0].lines if line.get_label() in {"a", "b"}]
+    np.testing.assert_array_equal(lines[0].get_ydata(), [3, 5])
+    assert "demo classes" in caption
