@@ -8,10 +8,9 @@
 #   trigger does not see an imported package);
 # - input functions look up only their own job's wildcards, so adding a model or a test changes no other
 #   job's params;
-# - because the similarity and test jobs carry their whole upstream definition in params, they read the
-#   embeddings and similarities as ancient() inputs: a re-run upstream job that by definition gives the
-#   same numbers (adding a layer re-embeds the model in its one forward pass; re-creating embeddings that
-#   keep_embeddings: false had deleted) reruns no finished similarity or test.
+# - the embedding job covers every layer of the model and writes the similarity matrices itself
+#   (rules/embed.smk), so selecting another layer or keeping/dropping the embeddings reruns nothing
+#   that is finished.
 import os
 
 from snakemake.utils import validate
@@ -120,6 +119,7 @@ def embedding_definition(wildcards):
 
 
 def similarity_definition(wildcards):
+    """The definition of the embedding job's outputs: the embeddings' and the similarity code."""
     return {**embedding_definition(wildcards), "code": code_digest("similarity")}
 
 
@@ -132,11 +132,6 @@ def test_sets(test):
 def test_definition(wildcards):
     """This job's test only."""
     return test_sets(wildcards.test)
-
-
-def test_upstream(wildcards):
-    """The definition of the similarity matrix this test reads, and the test stage's code."""
-    return {**similarity_definition(wildcards), "code": code_digest("test")}
 
 
 # The pixel-permutation control (rules/control.smk) writes under C; its embeddings also depend on which
@@ -165,14 +160,15 @@ def control_similarity_definition(wildcards):
     return {**control_embedding_definition(wildcards), "code": code_digest("similarity")}
 
 
-def control_test_upstream(wildcards):
-    return {**control_similarity_definition(wildcards), "code": code_digest("test")}
-
-
 def embedding_outputs(prefix):
-    """One HDF5 file per configured layer; temporary when the config drops raw embeddings."""
-    paths = [f"{prefix}/embeddings/{{model}}/{layer}.h5" for layer in LAYERS_RUN]
+    """One HDF5 file per layer of the model; temporary when the config drops raw embeddings."""
+    paths = [f"{prefix}/embeddings/{{model}}/{layer}.h5" for layer in LAYERS]
     return paths if config["embedding"]["keep_embeddings"] else [temp(p) for p in paths]
+
+
+def similarity_outputs(prefix):
+    """One similarity matrix per layer of the model, restored if a rerun of the job fails."""
+    return [update(f"{prefix}/similarity/{{model}}/{layer}.h5") for layer in LAYERS]
 
 
 def test_results(prefix, models, tests):

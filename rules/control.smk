@@ -4,12 +4,13 @@
 # images are embedded as they are. The same rules as the main branch, under {results}/control/.
 use rule embed_layers as control_embed_layers with:
     output:
-        embedding_outputs(C),
+        similarity=similarity_outputs(C),
+        embeddings=embedding_outputs(C),
     params:
-        definition=control_embedding_definition,
+        definition=control_similarity_definition,
         model=model_definition,
         root=stimuli_param,
-        layers=LAYERS_RUN,
+        layers=LAYERS,
         embedding=EMBEDDING_DEFINITION,
         weights_lock=WEIGHTS_LOCK,
         permutation=control_definition(),
@@ -19,31 +20,12 @@ use rule embed_layers as control_embed_layers with:
         f"{C}/benchmarks/embed_layers/{{model}}.tsv"
 
 
-use rule cosine_similarities as control_cosine_similarities with:
-    input:
-        ancient(f"{C}/embeddings/{{model}}/{{layer}}.h5"),
-    output:
-        f"{C}/similarity/{{model}}/{{layer}}.h5",
-    params:
-        definition=control_similarity_definition,
-    log:
-        f"{C}/logs/similarity/{{model}}/{{layer}}.log",
-    benchmark:
-        f"{C}/benchmarks/cosine_similarities/{{model}}/{{layer}}.tsv"
-
-
 use rule association_test as control_association_test with:
     input:
-        similarity=ancient(f"{C}/similarity/{{model}}/{{layer}}.h5"),
+        similarity=f"{C}/similarity/{{model}}/{{layer}}.h5",
         manifest=MANIFEST,
     output:
         f"{C}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
-    params:
-        test=test_definition,
-        permutations=config["permutations"],
-        alternative=config["alternative"],
-        bootstrap=config["bootstrap"],
-        upstream=control_test_upstream,
     log:
         f"{C}/logs/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.log",
 

@@ -1,6 +1,13 @@
-# Stage 3: every distinct image goes through each model once; all configured layers are captured in
-# that one pass (GPU job on a cluster). Then one cosine-similarity matrix per (model, layer): the only
-# thing the permutation tests read.
+# Stage 3: every distinct image goes through each model once; every layer of the model is captured in
+# that one pass (GPU job on a cluster), and the same job reduces each layer to the cosine-similarity
+# matrix of the distinct images: the only thing the permutation tests read.
+#
+# The job covers every layer of the model, whatever `layers:` selects for testing, so adding a layer to
+# a finished study runs only that layer's tests. The similarity matrices are update() outputs: a
+# failing rerun of the job (a bad checkpoint, a lost GPU) restores them, so it never deletes the valid
+# results of the previous run. The job reruns when its params (the model's definition, the embedding
+# settings, the code) change, or when a job it depends on reruns (the stimuli manifest); the embeddings
+# are kept or dropped (keep_embeddings) without any rerun.
 
 
 rule embed_layers:
@@ -9,12 +16,13 @@ rule embed_layers:
         stimuli=stimuli_input(),
         weights=weights_input,
     output:
-        embedding_outputs(R),
+        similarity=similarity_outputs(R),
+        embeddings=embedding_outputs(R),
     params:
-        definition=embedding_definition,
+        definition=similarity_definition,
         model=model_definition,
         root=stimuli_param,
-        layers=LAYERS_RUN,
+        layers=LAYERS,
         embedding=EMBEDDING_DEFINITION,
         weights_lock=WEIGHTS_LOCK,
         permutation=None,
@@ -31,23 +39,3 @@ rule embed_layers:
         "../envs/sbssl.yaml"
     script:
         "../scripts/embed_layers.py"
-
-
-rule cosine_similarities:
-    input:
-        ancient(f"{R}/embeddings/{{model}}/{{layer}}.h5"),
-    output:
-        f"{R}/similarity/{{model}}/{{layer}}.h5",
-    params:
-        definition=similarity_definition,
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    log:
-        f"{R}/logs/similarity/{{model}}/{{layer}}.log",
-    benchmark:
-        f"{R}/benchmarks/cosine_similarities/{{model}}/{{layer}}.tsv"
-    conda:
-        "../envs/sbssl.yaml"
-    script:
-        "../scripts/cosine_similarities.py"

@@ -2,13 +2,13 @@
 # About 10,500 jobs in the full study: the job body runs in the Snakemake process (`run:` with
 # force-use-threads in profiles/default) and reads the similarity matrix through an in-process cache,
 # so a job costs milliseconds instead of a Python start-up (benchmarks/bench_dag.py measures it).
-# `upstream` is not used by the body: it is the definition of the similarity matrix, so that a change of
-# the model, the embedding settings or the code reruns the test although its input is ancient().
+# `code` is not used by the body: the digest of the test stage's sbssl code, so that a change of it
+# reruns the tests.
 
 
 rule association_test:
     input:
-        similarity=ancient(f"{R}/similarity/{{model}}/{{layer}}.h5"),
+        similarity=f"{R}/similarity/{{model}}/{{layer}}.h5",
         manifest=MANIFEST,
     output:
         f"{R}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
@@ -17,7 +17,7 @@ rule association_test:
         permutations=config["permutations"],
         alternative=config["alternative"],
         bootstrap=config["bootstrap"],
-        upstream=test_upstream,
+        code=code_digest("test"),
     resources:
         mem_mb=500,
         runtime=5,

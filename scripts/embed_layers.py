@@ -1,4 +1,5 @@
-"""One forward pass per batch over every distinct stimulus image, all layers captured (sbssl.embed).
+"""One forward pass per batch over every distinct stimulus image, all layers captured (sbssl.embed), then
+each layer's cosine-similarity matrix of the distinct images (sbssl.similarity).
 
 params: model (model_definition_dict of the job's model; its name is the ``model`` wildcard), root, layers,
 embedding (preprocessing, pooling, dtype), weights_lock, permutation (None, or the control's
@@ -9,6 +10,7 @@ from sbssl.embed import embed_model
 from sbssl.io import job_log
 from sbssl.models import model_definition_from_dict
 from sbssl.process import exit_when_orphaned
+from sbssl.similarity import cosine_similarities
 from sbssl.stimuli import read_manifest
 
 exit_when_orphaned()  # a Snakemake killed with SIGKILL must not leave this job running and writing
@@ -24,7 +26,7 @@ with job_log(snakemake.log[0]):
         snakemake.input.weights or None,
         snakemake.input.manifest,
         snakemake.params.root,
-        dict(zip(snakemake.params.layers, snakemake.output)),
+        dict(zip(snakemake.params.layers, snakemake.output.embeddings)),
         lock_path=snakemake.params.weights_lock,
         layers=snakemake.params.layers,
         preprocessing=settings["preprocessing"],
@@ -36,3 +38,6 @@ with job_log(snakemake.log[0]):
         progress=False,
     )
     print(report)
+    for embeddings, similarity in zip(snakemake.output.embeddings, snakemake.output.similarity):
+        cosine_similarities(embeddings, similarity)
+        print(f"similarities: {similarity}")
