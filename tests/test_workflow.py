@@ -289,10 +289,10 @@ def test_adding_a_layer_reruns_no_finished_test(small_study):
 
 
 def test_degenerate_test_is_kept_flagged_and_left_out_of_counts(small_study):
-    work, _, _ = small_study
+    work, config, _ = small_study
     tests = pd.read_csv(work / "results/tables/tests.csv", keep_default_na=False, na_values=[""])
     same = tests[tests["test"] == "same_attributes"]
-    assert len(same) == 2 * 2 * 2 and same["d"].isna().all()
+    assert len(same) == 2 * tests["layer"].nunique() * 2 and same["d"].isna().all()  # models x layers x seeds
     assert same["flags"].str.contains("degenerate").all()
     assert (same["p"] == 1.0).all()  # every split ties: s(w) = 0 for all targets
     summary = pd.read_csv(work / "results/tables/summary.csv", keep_default_na=False, na_values=[""])
@@ -304,8 +304,12 @@ def test_degenerate_test_is_kept_flagged_and_left_out_of_counts(small_study):
     for row in counts.itertuples():
         rows = significant[(significant["model"] == row.model) & (significant["layer"] == row.layer)]
         assert row.n_biases == int((rows["p"] < row.threshold).sum())
+    # the meta-test and the figures of the whole study still run, and say what they left out
+    snakemake(work, "--configfile", str(config), "--cores", "2", "results/meta_test.json", "results/figures/bias_counts.png")
     meta = json.loads((work / "results/meta_test.json").read_text())
-    assert "p_value" in meta
+    assert meta["n_excluded"] == int((excluded["layer"] == "avgpool").sum())  # at the meta-test layer
+    caption = (work / "results/figures/bias_counts.rst").read_text()
+    assert "excluded" in caption
 
 
 def test_results_record_the_code_that_computed_them(small_study):
@@ -338,7 +342,7 @@ def test_local_stimuli_changes_rerun_the_manifest(small_study, tmp_path):
     stimuli = tmp_path / "stimuli"
     shutil.copytree(finished / "results/stimuli/demo", stimuli)
     _small_catalogue(work)
-    config = write_config(work, "local.yaml", {**SMALL, "stimuli": str(stimuli)})
+    config = write_config(work, "local.yaml", {**SMALL, "stimuli": str(stimuli), "models": ["random_1"]})
     manifest = "results/stimuli/manifest.csv"
 
     def planned() -> set[str]:
