@@ -10,17 +10,25 @@ Run: ``.venv/bin/python benchmarks/bench_leakage.py [--labels 79] [--images 664]
   the default 5 folds x 5 repeats and ``--permutations`` refits; beside it, one cross-validation of
   scikit-learn's ``SVC(kernel="precomputed")`` on the same folds, extrapolated to the same number of refits
   (what a solver-per-refit attacker would cost).
+
+BLAS runs single-threaded unless OPENBLAS_NUM_THREADS is set (as bench_stats): the probe's matrices are
+a few hundred rows, and on busy cores threaded BLAS stalled on them (54 s instead of 15 s here). Run the
+DAG's probe jobs the same way, with OPENBLAS_NUM_THREADS = the job's threads. The MLP runs one torch
+thread on CPU (see ``sbssl.leakage``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads BLAS
 
-from sbssl import leakage as L
-from sbssl import probes as P
+import numpy as np  # noqa: E402
+
+from sbssl import leakage as L  # noqa: E402
+from sbssl import probes as P  # noqa: E402
 
 
 def _timed(fn, *args, **kwargs) -> tuple[float, object]:
@@ -48,7 +56,7 @@ def main() -> None:
     t4, acc = _timed(L.attacker_accuracy, labels, codes, sample, attacker="mlp", epochs=4)
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    device = "cuda" if torch.cuda.is_available() else "cpu (1 torch thread)"
     print(f"MLP attacker: {(t4 - t1) / 3:.2f} s per epoch on {device} (a 100-epoch round ~{(t4 - t1) / 3 * 100:.0f} s), "
           f"folded accuracy after 4 epochs {acc:.3f}")
 

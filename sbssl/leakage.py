@@ -263,9 +263,23 @@ def _mlp_accuracy(
     data: Mapping[str, tuple[np.ndarray, np.ndarray]], seed: int, epochs: int, device: str | None
 ) -> float:
     import torch
-    import torch.nn.functional as F
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        # Intra-op threads do not pay on 128 x 300 batches, and they stall badly on busy cores when
+        # scikit-learn's own OpenMP runtime is loaded too (a round took 6x longer on 2 cores).
+        torch.set_num_threads(1)
+    try:
+        return _train_mlp(data, seed, epochs, dev)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_mlp(data: Mapping[str, tuple[np.ndarray, np.ndarray]], seed: int, epochs: int, dev: Any) -> float:
+    import torch
+    import torch.nn.functional as F
+
     tensors = {
         split: (torch.as_tensor(x, dtype=torch.float32, device=dev), torch.as_tensor(y, dtype=torch.long, device=dev))
         for split, (x, y) in data.items()
@@ -304,7 +318,8 @@ def _mlp_accuracy(
     return accuracy("test")
 
 
-def _check_attacker(attacker: str, rounds: int, epochs: int) -> None:
+def _check_attacker(attacker: str, rounds: int, epochs: int, sizes: Mapping[str, int]) -> None:
+    _check_sizes(sizes)
     if attacker not in ATTACKERS:
         raise ValueError(f"unknown attacker {attacker!r}; choose one of {ATTACKERS}")
     for name, value in (("rounds", rounds), ("epochs", epochs)):
@@ -395,10 +410,20 @@ def _curve_rounds(
 
 
 def _check_grid(flip_grid: Sequence[float]) -> tuple[float, ...]:
+    """Sorted flip probabilities with 0 added. Above 0.5 a flip becomes informative again (p = 1 inverts the
+    labels, a bijection that leaks as much as the truth), so the grid stops at 0.5."""
     grid = sorted({float(p) for p in flip_grid} | {0.0})
-    if any(not 0.0 <= p <= 1.0 for p in grid):
-        raise ValueError(f"flip probabilities must lie in [0, 1]; got {list(flip_grid)}")
+    if any(not 0.0 <= p <= 0.5 for p in grid):
+        raise ValueError(f"flip probabilities must lie in [0, 0.5]; got {list(flip_grid)}")
     return tuple(grid)
+
+
+def _check_sizes(sizes: Mapping[str, int]) -> None:
+    for split in SPLITS:
+        value = sizes.get(split) if isinstance(sizes, Mapping) else None
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"sizes must give an integer >= 1 (images per attribute value) for each of {SPLITS}; "
+                             f"got {sizes!r}")
 
 
 def natural_leakage(
@@ -418,7 +443,7 @@ def natural_leakage(
     Columns: ``p``, ``f1`` (mean macro-F1 of the flipped test labels against the truth), ``f1_std``,
     ``leakage_mean``, ``leakage_std`` (folded attacker accuracy over rounds). The p = 0 row is λ_D.
     """
-    _check_attacker(attacker, rounds, epochs)
+    _check_attacker(attacker, rounds, epochs, sizes)
     annotations = validate_annotations(annotations, attribute)
     grid = _check_grid(flip_grid)
     labels, codes, splits, _ = _arrays(annotations, attribute)
@@ -532,7 +557,7 @@ def leakage_report(
     predictions, in every split (ValueError if a split or an attribute value has none there). ``sizes``:
     images per attribute value per split; ``epochs`` and ``device`` apply to the MLP attacker.
     """
-    _check_attacker(attacker, rounds, epochs)
+    _check_attacker(attacker, rounds, epochs, sizes)
     annotations = validate_annotations(annotations, attribute)
     grid = _check_grid(flip_grid)
     labels, codes, splits, values = _arrays(annotations, attribute)

@@ -138,8 +138,8 @@ def test_natural_leakage_curve(small):
 
 
 def test_flip_grid_out_of_range_is_refused(small):
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        L.natural_leakage(small, rounds=1, flip_grid=(0.1, 1.5))
+    with pytest.raises(ValueError, match=r"\[0, 0.5\]"):
+        L.natural_leakage(small, rounds=1, flip_grid=(0.1, 0.7))
 
 
 def test_leakage_at_f1_interpolates_and_flags_the_outside():
@@ -199,6 +199,8 @@ def test_same_seed_same_report_other_seed_other_subsamples(small):
     ({"attacker": "svm"}, "unknown attacker"),
     ({"rounds": 0}, "rounds must be"),
     ({"epochs": 0}, "epochs must be"),
+    ({"sizes": {"train": 10, "val": 10}}, "sizes must give"),
+    ({"sizes": {"train": 10, "val": 0, "test": 5}}, "sizes must give"),
 ])
 def test_bad_options(small, kwargs, match):
     with pytest.raises(ValueError, match=match):
