@@ -179,7 +179,8 @@ def test_runner_table_with_a_degenerate_and_an_overlapping_test_runs_the_whole_s
 
     from sbssl.catalogue import AssociationTestSpec
     from sbssl.models import ModelSpec
-    from sbssl.runner import TESTS_TABLE_COLUMNS, record_association_test, tests_table
+    from sbssl.per_test_table import tests_table
+    from sbssl.runner import TESTS_TABLE_COLUMNS, record_association_test
     from sbssl.storage import write_sha256
     from sbssl.stimuli import build_manifest, distinct_images, write_manifest
     from sbssl.summary import read_tests_table
