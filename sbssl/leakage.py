@@ -318,10 +318,14 @@ def _train_mlp(data: Mapping[str, tuple[np.ndarray, np.ndarray]], seed: int, epo
     return accuracy("test")
 
 
-def _check_attacker(attacker: str, rounds: int, epochs: int, sizes: Mapping[str, int]) -> None:
-    _check_sizes(sizes)
+def _check_attacker_name(attacker: str) -> None:
     if attacker not in ATTACKERS:
         raise ValueError(f"unknown attacker {attacker!r}; choose one of {ATTACKERS}")
+
+
+def _check_options(attacker: str, rounds: int, epochs: int, sizes: Mapping[str, int]) -> None:
+    _check_sizes(sizes)
+    _check_attacker_name(attacker)
     for name, value in (("rounds", rounds), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -342,6 +346,7 @@ def attacker_accuracy(
     ``features`` (n, d) what the attacker reads, ``codes`` (n,) 0/1 attribute, ``sample`` row indices per
     split (:func:`balanced_sample`). ``epochs`` and ``device`` (default: CUDA when present) apply to the MLP.
     """
+    _check_attacker_name(attacker)
     data = {split: (features[rows], codes[rows]) for split, rows in sample.items()}
     if attacker == "logistic":
         return _folded(_logistic_accuracy(data, seed))
@@ -443,7 +448,7 @@ def natural_leakage(
     Columns: ``p``, ``f1`` (mean macro-F1 of the flipped test labels against the truth), ``f1_std``,
     ``leakage_mean``, ``leakage_std`` (folded attacker accuracy over rounds). The p = 0 row is λ_D.
     """
-    _check_attacker(attacker, rounds, epochs, sizes)
+    _check_options(attacker, rounds, epochs, sizes)
     annotations = validate_annotations(annotations, attribute)
     grid = _check_grid(flip_grid)
     labels, codes, splits, _ = _arrays(annotations, attribute)
@@ -557,7 +562,7 @@ def leakage_report(
     predictions, in every split (ValueError if a split or an attribute value has none there). ``sizes``:
     images per attribute value per split; ``epochs`` and ``device`` apply to the MLP attacker.
     """
-    _check_attacker(attacker, rounds, epochs, sizes)
+    _check_options(attacker, rounds, epochs, sizes)
     annotations = validate_annotations(annotations, attribute)
     grid = _check_grid(flip_grid)
     labels, codes, splits, values = _arrays(annotations, attribute)
