@@ -357,7 +357,8 @@ def rst_escape(text: str) -> str:
     return _RST_TRAILING_UNDERSCORE.sub(r"\\_", _RST_SPECIAL.sub(r"\\\1", text))
 
 
-def _save(fig: Figure, caption: str, out_dir: Path, name: str) -> FigureFiles:
+def save_figure(fig: Figure, caption: str, out_dir: Path, name: str) -> FigureFiles:
+    """Write ``fig`` as ``out_dir/name.png`` and ``.pdf`` (reproducible bytes) and its caption as ``.rst``."""
     files = FigureFiles(out_dir / f"{name}.png", out_dir / f"{name}.pdf", out_dir / f"{name}.rst", caption)
     with atomic_path(files.png) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
@@ -388,4 +389,4 @@ def write_figures(
         "strength": plot_strength(summary, zoo),
         f"heatmap_{heatmap_layer}": plot_effect_heatmap(summary, zoo, layer=heatmap_layer),
     }
-    return {name: _save(fig, caption, out, name) for name, (fig, caption) in figures.items()}
+    return {name: save_figure(fig, caption, out, name) for name, (fig, caption) in figures.items()}
