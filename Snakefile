@@ -19,6 +19,7 @@ include: "rules/embed.smk"
 include: "rules/tests.smk"
 include: "rules/summary.smk"
 include: "rules/control.smk"
+include: "rules/leakage.smk"
 
 
 rule all:

@@ -193,6 +193,8 @@ def all_outputs():
         outputs.append(f"{R}/tables/control.csv")
     if config["paper_study"]["enabled"]:
         outputs.append(f"{R}/paper/meta_test.json")
+    if config["probes"]["enabled"]:
+        outputs.append(f"{R}/tables/leakage.csv")
     return outputs
 
 

@@ -391,3 +391,93 @@ def plot_tradeoff(table: pd.DataFrame) -> tuple[Figure, str]:
         "a point low and to the right is a layer that transfers well with few biases."
     )
     return fig, caption
+
+
+# ----------------------------------------------------------------------------------------------------
+# The workflow's jobs: which images carry which label, one (model, layer), and the tables and figures
+
+
+def folder_labels(manifest: pd.DataFrame, groups: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """``{sha256: label}`` for the usable images of each group's concept folders.
+
+    ``groups``: label -> concept folders (e.g. ``{"female": ["gender/female", ...], "male": [...]}``).
+    An image (by content) in folders of two different labels is an error naming both folders: it cannot
+    be a training example of either. ValueError, too, for a folder without usable images.
+    """
+    from sbssl.stimuli import concept_images
+
+    labels: dict[str, str] = {}
+    source: dict[str, str] = {}
+    for label, folders in groups.items():
+        for folder in folders:
+            for sha in concept_images(manifest, folder):
+                if labels.get(sha, label) != label:
+                    raise ValueError(
+                        f"image {sha[:12]}... is in {source[sha]!r} (label {labels[sha]!r}) and in {folder!r} "
+                        f"(label {label!r}); a labelled image must carry one label: fix the folders"
+                    )
+                labels[sha] = label
+                source.setdefault(sha, folder)
+    return labels
+
+
+def subfolder_classes(manifest: pd.DataFrame, folder: str) -> dict[str, str]:
+    """``{sha256: class}`` with class = the concept sub-folder of ``folder`` holding the image
+    (``folder/<class>/<image>``); ValueError when ``folder`` has no concept sub-folders in the manifest."""
+    prefix = folder.rstrip("/") + "/"
+    concepts = sorted(c for c in set(manifest["concept"]) if c.startswith(prefix))
+    if not concepts:
+        raise ValueError(f"task folder {folder!r} has no concept sub-folders in the stimuli manifest")
+    return folder_labels(manifest, {c[len(prefix):]: [c] for c in concepts})
+
+
+def layer_probes(
+    similarity_path: str,
+    manifest_path: str,
+    *,
+    attribute: str | None,
+    groups: Mapping[str, Sequence[str]] | None,
+    task: str | None,
+    task_folder: str | None,
+    folds: int = 5,
+    repeats: int = 5,
+    permutations: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The probes of one (model, layer) similarity file: ``{"leakage": ..., "task": ..., provenance}``.
+
+    ``leakage``: :func:`representation_leakage` of ``attribute`` with labels from ``groups``
+    (:func:`folder_labels`), or None without groups. ``task``: :func:`probe_accuracy` of the classes under
+    ``task_folder`` (:func:`subfolder_classes`), or None. Both use the same folds, repeats and seed.
+    """
+    from sbssl.provenance import provenance
+    from sbssl.stimuli import read_manifest
+    from sbssl.storage import read_similarity_arrays
+
+    matrix, hashes, _ = read_similarity_arrays(similarity_path)
+    manifest = read_manifest(manifest_path)
+    options = {"folds": folds, "repeats": repeats, "seed": seed}
+    result: dict[str, Any] = {"attribute": attribute, "task": task, "leakage": None, "task_probe": None}
+    if groups:
+        kernel, labels, _ = labelled_kernel(matrix, hashes, folder_labels(manifest, groups))
+        result["leakage"] = representation_leakage(kernel, labels, permutations=permutations, **options)
+    if task_folder:
+        kernel, classes, _ = labelled_kernel(matrix, hashes, subfolder_classes(manifest, task_folder))
+        result["task_probe"] = probe_accuracy(kernel, classes, **options)
+    return {**result, **provenance("probes")}
+
+
+def probe_tables(
+    results: Mapping[tuple[str, str], Mapping[str, Any]], counts: pd.DataFrame, threshold: float
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """(leakage table, trade-off table) from :func:`layer_probes` results keyed by (model, layer), each with
+    the iEAT bias count at ``threshold`` (:func:`with_bias_counts`); None where no probe of that kind ran."""
+    tables = []
+    for key, name in (("leakage", "attribute"), ("task_probe", "task")):
+        present = {k: r[key] for k, r in results.items() if r.get(key)}
+        if not present:
+            tables.append(None)
+            continue
+        label = next(r[name] for r in results.values() if r.get(key))
+        tables.append(with_bias_counts(probe_table(present, label), counts, threshold))
+    return tables[0], tables[1]

@@ -32,6 +32,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "similarity": (("similarity",), ("embed",)),
     "test": (("runner",), ("similarity",)),
     "tables": (("per_test_table", "study"), ("test",)),
+    "probes": (("probes",), ("similarity",)),
 }
 
 

@@ -181,3 +181,60 @@ def test_figures_draw_one_line_per_model():
     lines = [line for line in fig.axes[0].lines if line.get_label() in {"a", "b"}]
     np.testing.assert_array_equal(lines[0].get_ydata(), [3, 5])
     assert "demo classes" in caption
+
+
+# --------------------------------------------------------------------------- the workflow's jobs
+
+
+def _manifest(rows):
+    return pd.DataFrame(
+        [(f"{c}/{i}.png", c, sha, "PNG", 4, 4, "ok") for i, (c, sha) in enumerate(rows)],
+        columns=["path", "concept", "sha256", "format", "width", "height", "status"],
+    )
+
+
+def test_folder_labels_and_subfolder_classes():
+    manifest = _manifest([("g/f", "a"), ("g/f", "b"), ("i/f", "c"), ("g/m", "d"), ("t/x", "a"), ("t/y", "d")])
+    assert P.folder_labels(manifest, {"female": ["g/f", "i/f"], "male": ["g/m"]}) == {
+        "a": "female", "b": "female", "c": "female", "d": "male"
+    }  # fmt: skip
+    assert P.subfolder_classes(manifest, "t") == {"a": "x", "d": "y"}
+    with pytest.raises(ValueError, match=r"is in 'g/f' \(label 'female'\) and in 't/x' \(label 'male'\)"):
+        P.folder_labels(manifest, {"female": ["g/f"], "male": ["t/y", "t/x"]})
+    with pytest.raises(ValueError, match="task folder 'nope' has no concept sub-folders"):
+        P.subfolder_classes(manifest, "nope")
+
+
+def test_layer_probes_reads_the_files_and_tables_join_the_counts(tmp_path):
+    from sbssl.provenance import code_digest
+    from sbssl.stimuli import write_manifest
+    from sbssl.storage import write_sha256
+
+    import h5py
+
+    rng = np.random.default_rng(0)
+    n = 24
+    hashes = [f"{i:064x}" for i in range(n)]
+    labels = np.repeat([0, 1], n // 2)
+    vectors = rng.standard_normal((n, 16)) + 8.0 * labels[:, None] * np.eye(16)[0]
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with h5py.File(tmp_path / "sim.h5", "w") as f:
+        f.create_dataset("similarity", data=vectors @ vectors.T)
+        write_sha256(f, hashes)
+    concepts = ["g/female" if y == 0 else "g/male" for y in labels]
+    task = ["t/a" if i % 2 else "t/b" for i in range(n)]
+    rows = list(zip(concepts, hashes)) + list(zip(task, hashes))
+    write_manifest(_manifest(rows), tmp_path / "manifest.csv")
+    result = P.layer_probes(
+        str(tmp_path / "sim.h5"), str(tmp_path / "manifest.csv"), attribute="gender",
+        groups={"female": ["g/female"], "male": ["g/male"]}, task="parity", task_folder="t",
+        folds=3, repeats=2, permutations=50, seed=0,
+    )
+    assert result["code_digest"] == code_digest("probes")
+    assert result["leakage"]["accuracy_mean"] > 0.9 and result["leakage"]["p_value"] == pytest.approx(1 / 51)
+    assert result["task_probe"]["n_images"] == n and result["task_probe"]["p_value"] is None
+    counts = pd.DataFrame({"model": ["m"], "layer": ["avgpool"], "threshold": [0.05], "n_biases": [7]})
+    leakage, tradeoff = P.probe_tables({("m", "avgpool"): result}, counts, 0.05)
+    assert leakage.loc[0, "attribute"] == "gender" and leakage.loc[0, "n_biases"] == 7
+    assert tradeoff.loc[0, "attribute"] == "parity"
+    assert leakage.loc[0, "accuracy_mean"] == result["leakage"]["accuracy_mean"]
