@@ -240,6 +240,13 @@ def test_demo_end_to_end(tmp_path):
     at_gap = paper[paper["layer"] == "avgpool"].set_index(["model", "threshold"])["n_biases"]
     assert [at_gap[("relative_loc", t)] for t in (0.1, 0.05, 0.01)] == [19, 15, 12]
     assert [at_gap[("rotation", t)] for t in (0.1, 0.05, 0.01)] == [6, 4, 0]
+    # the planted tone is decodable at every layer of both models; the trade-off table has every layer
+    leakage = pd.read_csv(results / "tables/leakage.csv")
+    assert len(leakage) == 2 * 6 and (leakage["attribute"] == "tone").all()
+    assert (leakage["accuracy_mean"] > 0.9).all() and (leakage["p_value"] < 0.05).all()
+    merged = leakage.merge(counts[counts["threshold"] == 0.05], on=["model", "layer"], suffixes=("", "_counts"))
+    assert (merged["n_biases"] == merged["n_biases_counts"]).all()
+    assert len(pd.read_csv(results / "tables/tradeoff.csv")) == 2 * 6
     report_html = (results / "report.html").read_text(errors="replace")
     assert "Paper (published rows)" in report_html
 
