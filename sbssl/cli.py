@@ -131,6 +131,64 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_leakage(args: argparse.Namespace) -> int:
+    from sbssl.leakage import leakage_report, read_annotations, read_predictions, write_leakage
+    from sbssl.provenance import STAGES, provenance
+
+    annotations = read_annotations(args.annotations, args.attribute)
+    predictions = read_predictions(args.predictions, annotations) if args.predictions else None
+    report = leakage_report(
+        annotations, predictions, attribute=args.attribute, attacker=args.attacker, rounds=args.rounds,
+        epochs=args.epochs, seed=args.seed,
+    )  # fmt: skip
+    # The workflow's stage digest once a 'leakage' stage exists; until then the version alone.
+    extra = provenance("leakage") if "leakage" in STAGES else {"sbssl_version": __version__}
+    paths = write_leakage(report, args.out, extra=extra)
+    line = f"{paths['json']}: lambda_D = {report.lambda_D.mean:.3f} +- {report.lambda_D.std:.3f}"
+    if report.lambda_M is not None:
+        line += (f", lambda_M = {report.lambda_M.mean:.3f} +- {report.lambda_M.std:.3f}, model F1 = "
+                 f"{report.model_f1:.3f}, amplification = {report.amplification:+.3f}")
+    print(f"{line} ({report.attacker} attacker, {report.rounds} rounds)")
+    return 0
+
+
+def _cmd_fetch_coco(args: argparse.Namespace) -> int:
+    from sbssl.coco import COCO_ANNOTATIONS_URL, fetch_coco_annotations
+
+    url = args.url or COCO_ANNOTATIONS_URL
+    paths = fetch_coco_annotations(args.dest, lock_path=args.lock, url=url, progress=not args.quiet)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_coco_annotations(args: argparse.Namespace) -> int:
+    from sbssl.coco import coco_annotations, write_annotations
+
+    table = coco_annotations(
+        dict(zip(("train2014", "val2014"), args.instances)), dict(zip(("train2014", "val2014"), args.captions)),
+        seed=args.seed,
+    )  # fmt: skip
+    write_annotations(table, args.out)
+    counts = table.groupby(["split", "gender"]).size().to_dict()
+    labels = sum(c.startswith("label_") for c in table.columns)
+    print(f"{args.out}: {len(table)} images, {labels} labels, " + ", ".join(
+        f"{split} {counts.get((split, 'man'), 0)} man / {counts.get((split, 'woman'), 0)} woman"
+        for split in ("train", "val", "test")))
+    return 0
+
+
+def _cmd_balanced_subset(args: argparse.Namespace) -> int:
+    from sbssl.coco import write_annotations
+    from sbssl.leakage import balanced_subset, read_annotations
+
+    annotations = read_annotations(args.annotations, args.attribute)
+    subset = balanced_subset(annotations, args.alpha, attribute=args.attribute, seed=args.seed)
+    write_annotations(subset, args.out, args.attribute)
+    print(f"{args.out}: {len(subset)} of {len(annotations)} images kept (no label's {args.attribute} ratio above {args.alpha:g})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sbssl",
@@ -207,6 +265,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-test-layer", default="avgpool", help="layer of the meta-test (default: %(default)s)")
     p.add_argument("--out", required=True, help="folder for summary.csv, counts.csv, meta_test.json, figures/")
     p.set_defaults(func=_cmd_summarize)
+
+    p = sub.add_parser("leakage", help="dataset leakage, model leakage and bias amplification (Wang et al. 2019)")
+    p.add_argument(
+        "--annotations", required=True,
+        help="ANN.csv: image_id, split (train/val/test), the attribute column, one 0/1 column per label_<name>",
+    )  # fmt: skip
+    p.add_argument("--predictions", help="PRED.csv: image_id and the same label_<name> columns holding logits")
+    p.add_argument("--attribute", default="gender", help="attribute column, two values (default: %(default)s)")
+    p.add_argument("--out", required=True, help="folder for leakage.json, natural_leakage.csv and its figure")
+    p.add_argument("--attacker", choices=["mlp", "logistic"], default="logistic",
+                   help="mlp: Wang et al.'s network (GPU when present); logistic: fast (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5, help="balanced subsamples averaged (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=100, help="MLP attacker epochs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsamples and attackers (default: %(default)s)")
+    p.set_defaults(func=_cmd_leakage)
+
+    p = sub.add_parser("fetch-coco", help="download the COCO 2014 annotation archive (sha256 pinned) and extract its JSONs")
+    p.add_argument("--dest", default="data/coco", help="folder for the archive and the four JSONs (default: %(default)s)")
+    p.add_argument("--lock", default="config/data.lock", help="data lock: the archive's sha256 (default: %(default)s)")
+    p.add_argument("--url", default=None, help="https:// or file:// address of annotations_trainval2014.zip "
+                   "(default: the official one, sbssl.coco.COCO_ANNOTATIONS_URL)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_fetch_coco)
+
+    p = sub.add_parser("coco-annotations", help="COCO 2014 gender annotations table (ANN.csv) from the official JSONs")
+    p.add_argument("--instances", nargs=2, required=True, metavar=("TRAIN", "VAL"),
+                   help="instances_train2014.json and instances_val2014.json, in this order")
+    p.add_argument("--captions", nargs=2, required=True, metavar=("TRAIN", "VAL"),
+                   help="captions_train2014.json and captions_val2014.json, in this order")
+    p.add_argument("--out", required=True, help="ANN.csv to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the val2014 -> val/test cut (default: %(default)s)")
+    p.set_defaults(func=_cmd_coco_annotations)
+
+    p = sub.add_parser("balanced-subset", help="the images kept so that no label's attribute ratio exceeds alpha")
+    p.add_argument("--annotations", required=True, help="ANN.csv to subsample")
+    p.add_argument("--alpha", type=float, required=True, help="largest allowed ratio, >= 1 (Wang et al.: 1, 2, 3)")
+    p.add_argument("--attribute", default="gender", help="attribute column, two values (default: %(default)s)")
+    p.add_argument("--out", required=True, help="ANN_alpha.csv to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tie-breaks (default: %(default)s)")
+    p.set_defaults(func=_cmd_balanced_subset)
     return parser
 
 

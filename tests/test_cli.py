@@ -4,12 +4,16 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from sbssl.cli import build_parser, main
 
-SUBCOMMANDS = ["manifest", "fetch-weights", "test-embeddings", "embed", "summarize"]
+SUBCOMMANDS = [
+    "manifest", "fetch-weights", "test-embeddings", "embed", "summarize", "leakage", "fetch-coco",
+    "coco-annotations", "balanced-subset",
+]
 
 
 def test_every_subcommand_is_listed_and_has_help(capsys):
@@ -81,3 +85,109 @@ def test_summarize_meta_test_layer_option(tmp_path, repo_dir, capsys):
     meta = json.loads((tmp_path / "meta_test.json").read_text())
     assert meta["layer"] == "layer4" and meta["n_thresholds"] > 0 and meta["p_value"] != pytest.approx(0.0493, abs=1e-4)
     assert (tmp_path / "figures" / "heatmap_layer4.rst").read_text().startswith("Effect size d of every test")
+
+
+# --- leakage, COCO, balanced subsets ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ann_csv(tmp_path_factory):
+    from sbssl.leakage import synthetic_annotations
+
+    folder = tmp_path_factory.mktemp("leakage")
+    table = synthetic_annotations(1200, n_labels=4, seed=2)
+    table.to_csv(folder / "ANN.csv", index=False)
+    # Logits that add a gender signal to every label: the model leaks more than its labels.
+    sign = np.where(table["gender"] == "man", 1.0, -1.0)
+    pred = table[["image_id"]].copy()
+    for column in [c for c in table.columns if c.startswith("label_")]:
+        pred[column] = 4.0 * (2 * table[column] - 1) + 3.0 * sign
+    pred.to_csv(folder / "PRED.csv", index=False)
+    return folder / "ANN.csv", folder / "PRED.csv", table
+
+
+def test_leakage_writes_the_report(ann_csv, tmp_path, capsys):
+    ann, pred, _ = ann_csv
+    out = tmp_path / "leak"
+    rc = main(["leakage", "--annotations", str(ann), "--predictions", str(pred), "--attribute", "gender",
+               "--out", str(out), "--attacker", "logistic", "--rounds", "2", "--seed", "3"])
+    assert rc == 0
+    report = json.loads((out / "leakage.json").read_text())
+    assert {"mean", "std"} <= set(report["lambda_D"]) and {"mean", "std"} <= set(report["lambda_M"])
+    assert 0.5 <= report["lambda_D"]["mean"] < 0.8
+    assert report["lambda_M"]["mean"] > 0.95  # the logits carry gender directly
+    assert report["amplification"] == pytest.approx(report["lambda_M"]["mean"] - report["lambda_D_at_model_f1"])
+    assert report["attacker"] == "logistic" and report["rounds"] == 2 and report["seed"] == 3
+    assert report["sbssl_version"]
+    curve = pd.read_csv(out / "natural_leakage.csv")
+    assert curve["p"].iloc[0] == 0.0 and curve["leakage_mean"].iloc[0] == pytest.approx(report["lambda_D"]["mean"])
+    assert (out / "natural_leakage.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert f"lambda_D = {report['lambda_D']['mean']:.3f}" in printed and "amplification = +" in printed
+
+
+def test_leakage_bad_input_exits_2_naming_the_file(ann_csv, tmp_path, capsys):
+    ann, pred, table = ann_csv
+    one_value = tmp_path / "one.csv"
+    table.assign(gender="man").to_csv(one_value, index=False)
+    rc = main(["leakage", "--annotations", str(one_value), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"sbssl leakage: error: {one_value}: attribute 'gender' has one value only" in err
+    short = tmp_path / "pred.csv"
+    pd.read_csv(pred).drop(columns="label_l0").to_csv(short, index=False)
+    rc = main(["leakage", "--annotations", str(ann), "--predictions", str(short), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{short}: label column(s) ['label_l0'] missing" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_balanced_subset_command(ann_csv, tmp_path, capsys):
+    from sbssl.leakage import balanced_subset, read_annotations
+
+    ann, _, _ = ann_csv
+    out = tmp_path / "ANN_alpha2.csv"
+    assert main(["balanced-subset", "--annotations", str(ann), "--alpha", "2", "--out", str(out), "--seed", "1"]) == 0
+    expected = balanced_subset(read_annotations(ann), 2, seed=1)
+    written = read_annotations(out)
+    assert written["image_id"].tolist() == expected["image_id"].tolist()
+    assert f"{len(expected)} of 1200 images kept" in capsys.readouterr().out
+    assert main(["balanced-subset", "--annotations", str(ann), "--alpha", "0.5", "--out", str(out)]) == 2
+    assert "alpha must be a number >= 1" in capsys.readouterr().err
+
+
+def _coco_json(path, images, annotations, categories=None):
+    data = {"images": [{"id": i, "file_name": f"{i}.jpg"} for i in images], "annotations": annotations}
+    if categories is not None:
+        data["categories"] = categories
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return str(path)
+
+
+def test_coco_annotations_command(tmp_path, capsys):
+    cats = [{"id": 1, "name": "person"}, {"id": 2, "name": "dining table"}]
+    files = {}
+    for split, ids in (("train2014", [1, 2]), ("val2014", [11, 12, 13, 14])):
+        texts = {i: ("a man eating" if i % 2 else "a woman eating") for i in ids}
+        files[f"i_{split}"] = _coco_json(tmp_path / f"instances_{split}.json", ids,
+                                         [{"id": i, "image_id": i, "category_id": 2} for i in ids], cats)
+        files[f"c_{split}"] = _coco_json(tmp_path / f"captions_{split}.json", ids,
+                                         [{"id": i, "image_id": i, "caption": t} for i, t in texts.items()])
+    out = tmp_path / "ANN.csv"
+    rc = main(["coco-annotations", "--instances", files["i_train2014"], files["i_val2014"],
+               "--captions", files["c_train2014"], files["c_val2014"], "--out", str(out), "--seed", "0"])
+    assert rc == 0
+    table = pd.read_csv(out, dtype={"image_id": str})
+    assert list(table.columns) == ["image_id", "split", "gender", "file_name", "label_dining_table"]
+    assert table["split"].value_counts().to_dict() == {"train": 2, "val": 2, "test": 2}
+    assert table.set_index("image_id").loc[["1", "2"], "gender"].tolist() == ["man", "woman"]
+    assert "6 images, 1 labels, train 1 man / 1 woman" in capsys.readouterr().out
+    # Files given in the wrong order: the captions file is not an instances file.
+    rc = main(["coco-annotations", "--instances", files["c_train2014"], files["i_val2014"],
+               "--captions", files["c_train2014"], files["c_val2014"], "--out", str(tmp_path / "x.csv")])
+    assert rc == 2 and "captions_train2014.json: key(s) ['categories'] missing" in capsys.readouterr().err
+
+
+def test_fetch_coco_refuses_http(tmp_path, capsys):
+    rc = main(["fetch-coco", "--dest", str(tmp_path), "--lock", str(tmp_path / "data.lock"),
+               "--url", "http://images.cocodataset.org/annotations/annotations_trainval2014.zip"])
+    assert rc == 2 and "only https:// or file://" in capsys.readouterr().err
