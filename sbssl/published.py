@@ -6,6 +6,9 @@ Two small fixtures ship with the repository under ``data/published/`` (sources i
   3 runs x 6 layers x 16 models x 39 tests, as the authors' result files give them (columns run, layer,
   model, test, d, p, n_t, n_a; the p and d strings are the source's, so the floats are bit-identical).
 - :data:`IEAT_PUBLISHED_TABLE`: the iEAT paper's table (Steed & Caliskan 2021), 39 tests x 3 models.
+- :data:`LAYER_PROBE_ACCURACIES`: the per-layer linear accuracies the source zoos publish for our models
+  (OpenSelfSup, MMSelfSup), one row per (model, layer, benchmark, checkpoint), each with its source line;
+  read with :func:`read_layer_probe_accuracies`.
 
 The paths are relative to the checkout (the package is installed editable); an installed copy without
 the checkout passes the file explicitly (``sbssl summarize --results FILE``).
@@ -28,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from sbssl.io import atomic_path
+from sbssl.layers import LAYERS
 from sbssl.runner import TESTS_TABLE_COLUMNS
 from sbssl.summary import catalogue_titles, check_tests_table
 
@@ -38,6 +42,8 @@ PUBLISHED_DIR = _REPO / "data" / "published"
 SBSSL_PUBLISHED_ROWS = PUBLISHED_DIR / "sbssl_published_results.csv.gz"
 #: The iEAT paper's published table (Test, Model, X, Y, A, B, d, p, n_t, n_a, sig).
 IEAT_PUBLISHED_TABLE = PUBLISHED_DIR / "ieat_published_results.csv"
+#: Per-layer linear accuracies published by the source zoos (columns :data:`LAYER_PROBE_COLUMNS`).
+LAYER_PROBE_ACCURACIES = PUBLISHED_DIR / "layer_probe_accuracies.csv"
 #: The test catalogue of the checkout: the published rows name tests by title.
 DEFAULT_CATALOGUE = _REPO / "config" / "tests.yaml"
 
@@ -218,3 +224,56 @@ def read_ieat_published(path: str | os.PathLike[str] = IEAT_PUBLISHED_TABLE) -> 
         row = table[table.duplicated(["Test", "Model"])].iloc[0]
         raise ValueError(f"{path}: duplicate rows for Test={row.Test} Model={row.Model}")
     return table
+
+
+#: Columns of :data:`LAYER_PROBE_ACCURACIES` (meanings in data/published/README.md).
+LAYER_PROBE_COLUMNS: tuple[str, ...] = (
+    "model", "layer", "source_layer", "benchmark", "value", "checkpoint_kind", "checkpoint", "source",
+)  # fmt: skip
+#: Benchmarks of the per-layer table: ImageNet / Places205 top-1 (%) of a linear classifier on each layer's
+#: map average-pooled to ~9k dimensions ("multihead") or on the global average pool, VOC07 SVM mAP (%).
+LAYER_PROBE_BENCHMARKS: tuple[str, ...] = (
+    "imagenet_linear_multihead_top1", "imagenet_linear_avgpool_top1", "places205_linear_multihead_top1",
+    "voc07_svm_map",
+)  # fmt: skip
+#: sbssl_paper: measured on the file the SB-SSL paper used; zoo_recipe: reported for the training config
+#: of the file config/models.yaml downloads (which released file was measured is not stated).
+CHECKPOINT_KINDS: tuple[str, ...] = ("sbssl_paper", "zoo_recipe")
+
+
+def read_layer_probe_accuracies(path: str | os.PathLike[str] = LAYER_PROBE_ACCURACIES) -> pd.DataFrame:
+    """The published per-layer linear accuracies: columns :data:`LAYER_PROBE_COLUMNS`, ``value`` in percent (float).
+
+    One row per (model, layer, benchmark, checkpoint_kind); ``model`` is one of the paper's models (our
+    names), ``layer`` one of :data:`sbssl.layers.LAYERS` (the source's own layer name in ``source_layer``;
+    the mapping and its one approximation, feat1 -> maxpool, are in data/published/README.md), ``source``
+    the repository@commit:file:line the number was read from. Raises FileNotFoundError, or ValueError naming
+    the file and the first bad row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"published per-layer accuracies not found: {path} (shipped as data/published/ "
+                                "in the checkout)")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if tuple(table.columns) != LAYER_PROBE_COLUMNS:
+        raise ValueError(f"{path}: columns {list(table.columns)}; expected {list(LAYER_PROBE_COLUMNS)}")
+    models = {m.name for m in _PAPER_MODELS}
+    allowed = {"model": models, "layer": set(LAYERS), "benchmark": set(LAYER_PROBE_BENCHMARKS),
+               "checkpoint_kind": set(CHECKPOINT_KINDS)}
+    for column, values in allowed.items():
+        bad = table[~table[column].isin(values)]
+        if len(bad):
+            raise ValueError(f"{path}: row {bad.index[0] + 2}: {column} {bad[column].iloc[0]!r} is not one of "
+                             f"{sorted(values)}")
+    value = pd.to_numeric(table["value"], errors="coerce")
+    bad = table[value.isna() | (value < 0) | (value > 100)]
+    if len(bad):
+        raise ValueError(f"{path}: row {bad.index[0] + 2}: value {bad['value'].iloc[0]!r} is not a percentage")
+    empty = table[(table["source"] == "") | (table["source_layer"] == "") | (table["checkpoint"] == "")]
+    if len(empty):
+        raise ValueError(f"{path}: row {empty.index[0] + 2}: every row needs source_layer, checkpoint and source")
+    key = ["model", "layer", "benchmark", "checkpoint_kind"]
+    dupes = table[table.duplicated(key)]
+    if len(dupes):
+        raise ValueError(f"{path}: row {dupes.index[0] + 2}: a second value for {dupes[key].iloc[0].to_dict()}")
+    return table.assign(value=value.astype(float))

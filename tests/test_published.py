@@ -15,11 +15,13 @@ from sbssl.catalogue import load_catalogue
 from sbssl.meta import area_meta_test, meta_test
 from sbssl.published import (
     IEAT_PUBLISHED_TABLE,
+    LAYER_PROBE_ACCURACIES,
     PUBLISHED_COLUMNS,
     SBSSL_PUBLISHED_ROWS,
     compact_published_rows,
     published_zoo,
     read_ieat_published,
+    read_layer_probe_accuracies,
     read_published,
 )
 from sbssl.runner import TESTS_TABLE_COLUMNS
@@ -202,3 +204,59 @@ def test_ieat_exact_p_values_are_counts_of_splits(ieat):
     # sig marks the paper's thresholds: *** p < 0.01, ** p < 0.05, * p < 0.1
     marks = ieat["p"].map(lambda p: "***" if p < 0.01 else "**" if p < 0.05 else "*" if p < 0.1 else "")
     assert (marks == ieat["sig"].fillna("")).all()
+
+
+# --- per-layer linear accuracies of the source zoos ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def layer_accuracies() -> pd.DataFrame:
+    return read_layer_probe_accuracies()
+
+
+def test_layer_accuracies_cover_what_the_zoos_publish(layer_accuracies):
+    t = layer_accuracies
+    assert LAYER_PROBE_ACCURACIES.parent == SBSSL_PUBLISHED_ROWS.parent and len(t) == 151
+    paper = t[t["checkpoint_kind"] == "sbssl_paper"]
+    assert set(paper["model"]) == {"rotation", "relative_loc", "odc", "npid", "moco_v1", "moco_v2", "byol", "supervised"}
+    assert set(t.loc[t["checkpoint_kind"] == "zoo_recipe", "model"]) == {
+        "rotation", "relative_loc", "odc", "npid", "moco_v2", "byol"}
+    # VISSL publishes one accuracy per model, not per layer: no jigsaw, cluster_fit, swav, simclr rows.
+    assert not set(t["model"]) & {"jigsaw", "cluster_fit", "swav", "simclr"}
+    multi = paper[paper["benchmark"] == "imagenet_linear_multihead_top1"]
+    rotation = multi[multi["model"] == "rotation"].set_index("layer")["value"]
+    assert rotation.to_dict() == {"maxpool": 12.89, "layer1": 34.30, "layer2": 44.91, "layer3": 54.99, "layer4": 49.09}
+    assert multi.groupby("model").size().eq(5).all()
+    assert set(t["source_layer"]) == {"feat1", "feat2", "feat3", "feat4", "feat5", "avgpool", "feature1",
+                                      "feature2", "feature3", "feature4", "feature5"}
+    voc = paper[paper["benchmark"] == "voc07_svm_map"].set_index("model")
+    assert voc.loc["rotation", "layer"] == "layer3" and voc.loc["rotation", "value"] == 67.38  # best layer feat4
+    assert t["source"].str.fullmatch(r"open-mmlab/(OpenSelfSup|mmselfsup)@[0-9a-f]{40}:[\w/.]+\.md:\d+").all()
+
+
+def test_layer_accuracies_agree_with_the_paper_zoo_labels(layer_accuracies):
+    # The zoo's imagenet_top1 of the OpenSelfSup files is the "ImageNet (Last)" avgpool value (BYOL: feat5).
+    paper = layer_accuracies[layer_accuracies["checkpoint_kind"] == "sbssl_paper"]
+    zoo = published_zoo()
+    last = paper[paper["benchmark"] == "imagenet_linear_avgpool_top1"].set_index("model")["value"]
+    for name in ("rotation", "relative_loc", "odc", "npid", "moco_v1", "moco_v2"):
+        assert last[name] == zoo[name].imagenet_top1
+    byol = paper[(paper["model"] == "byol") & (paper["layer"] == "layer4")
+                 & (paper["benchmark"] == "imagenet_linear_multihead_top1")]
+    assert byol["value"].tolist() == [zoo["byol"].imagenet_top1]
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda t: t.assign(layer=t["layer"].replace("layer1", "conv2")), r"row \d+: layer 'conv2' is not one of"),
+    (lambda t: t.assign(value=t["value"].replace("12.89", "n/a")), r"row 2: value 'n/a' is not a percentage"),
+    (lambda t: pd.concat([t, t.iloc[:1]]), r"row 153: a second value for"),
+    (lambda t: t.drop(columns="source"), r"columns .*; expected"),
+])
+def test_read_layer_accuracies_refuses_bad_rows(tmp_path, change, match):
+    table = pd.read_csv(LAYER_PROBE_ACCURACIES, dtype=str, keep_default_na=False)
+    bad = tmp_path / "bad.csv"
+    change(table).to_csv(bad, index=False)
+    with pytest.raises(ValueError, match=f"bad.csv: {match}" if "columns" not in match else match):
+        read_layer_probe_accuracies(bad)
+    with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+        read_layer_probe_accuracies(tmp_path / "nowhere.csv")
