@@ -185,7 +185,8 @@ def _cmd_balanced_subset(args: argparse.Namespace) -> int:
     annotations = read_annotations(args.annotations, args.attribute)
     subset = balanced_subset(annotations, args.alpha, attribute=args.attribute, seed=args.seed)
     write_annotations(subset, args.out, args.attribute)
-    print(f"{args.out}: {len(subset)} of {len(annotations)} images kept (no label's {args.attribute} ratio above {args.alpha:g})")
+    print(f"{args.out}: {len(subset)} of {len(annotations)} images kept "
+          f"(no label's {args.attribute} ratio above {args.alpha:g})")
     return 0
 
 
@@ -281,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the subsamples and attackers (default: %(default)s)")
     p.set_defaults(func=_cmd_leakage)
 
-    p = sub.add_parser("fetch-coco", help="download the COCO 2014 annotation archive (sha256 pinned) and extract its JSONs")
-    p.add_argument("--dest", default="data/coco", help="folder for the archive and the four JSONs (default: %(default)s)")
+    p = sub.add_parser("fetch-coco", help="download the COCO 2014 annotation archive (sha256 pinned), extract its JSONs")
+    p.add_argument("--dest", default="data/coco", help="folder for the archive and the JSONs (default: %(default)s)")
     p.add_argument("--lock", default="config/data.lock", help="data lock: the archive's sha256 (default: %(default)s)")
     p.add_argument("--url", default=None, help="https:// or file:// address of annotations_trainval2014.zip "
                    "(default: the official one, sbssl.coco.COCO_ANNOTATIONS_URL)")

@@ -153,7 +153,9 @@ def _read_coco(path: str | os.PathLike[str], kind: str, split: str) -> dict[str,
     if missing:
         raise ValueError(f"{file}: key(s) {missing} missing; expected COCO's {kind}_{split}.json")
     if kind == "captions" and data["annotations"] and "caption" not in data["annotations"][0]:
-        raise ValueError(f"{file}: annotations have no 'caption'; is this an instances file? expected captions_{split}.json")
+        raise ValueError(
+            f"{file}: annotations have no 'caption'; is this an instances file? expected captions_{split}.json"
+        )
     if kind == "instances" and data["annotations"] and "category_id" not in data["annotations"][0]:
         raise ValueError(f"{file}: annotations have no 'category_id'; expected instances_{split}.json")
     return data
@@ -176,7 +178,7 @@ def coco_annotations(
     exclude_categories: Iterable[str] = EXCLUDED_CATEGORIES,
     drop_unlabelled: bool = True,
 ) -> pd.DataFrame:
-    """The COCO 2014 gender annotations table (rules 1-3 of the module doc), as :func:`sbssl.leakage.read_annotations` reads it.
+    """The COCO 2014 gender annotations table (rules 1-3 of the module doc), in the format of ``ANN.csv``.
 
     ``instances_paths`` / ``captions_paths``: ``{"train2014": path, "val2014": path}`` of COCO's
     ``instances_*2014.json`` / ``captions_*2014.json``. ``seed``: the val2014 -> val/test cut.
@@ -195,7 +197,8 @@ def coco_annotations(
     if not male or not female:
         raise ValueError("male_words and female_words must each hold at least one word")
     if set(map(str.lower, male)) & set(map(str.lower, female)):
-        raise ValueError(f"words in both gender lists: {sorted(set(map(str.lower, male)) & set(map(str.lower, female)))}")
+        shared = sorted(set(map(str.lower, male)) & set(map(str.lower, female)))
+        raise ValueError(f"words in both gender lists: {shared}")
     frames, categories = [], None
     for split in COCO_SPLITS:
         inst = _read_coco(instances[split], "instances", split)
@@ -204,10 +207,14 @@ def coco_annotations(
         if categories is None:
             categories = cats
         elif cats != categories:
-            raise ValueError(f"{instances[split]}: categories differ from {instances['train2014']}; use COCO 2014 files")
+            raise ValueError(
+                f"{instances[split]}: categories differ from {instances['train2014']}; use COCO 2014 files"
+            )
         unknown_excluded = excluded - {name for _, name in cats}
         if unknown_excluded:
-            raise ValueError(f"exclude_categories {sorted(unknown_excluded)} are not COCO categories of {instances[split]}")
+            raise ValueError(
+                f"exclude_categories {sorted(unknown_excluded)} are not COCO categories of {instances[split]}"
+            )
         images = {int(img["id"]): str(img.get("file_name", "")) for img in inst["images"]}
         texts: dict[int, list[str]] = {}
         for ann in caps["annotations"]:
@@ -247,7 +254,9 @@ def coco_annotations(
     table = pd.concat([train, val[is_val], val[~is_val]], ignore_index=True)
     duplicated = table["image_id"][table["image_id"].duplicated()]
     if len(duplicated):
-        raise ValueError(f"image id(s) {duplicated.tolist()[:3]} in both train2014 and val2014 files; use COCO 2014 files")
+        raise ValueError(
+            f"image id(s) {duplicated.tolist()[:3]} in both train2014 and val2014 files; use COCO 2014 files"
+        )
     label_names = [c for c in table.columns if c.startswith(LABEL_PREFIX)]
     if len(set(label_names)) != len(label_names):
         raise ValueError(f"two COCO categories give the same label name: {label_names}")
@@ -255,7 +264,7 @@ def coco_annotations(
 
 
 def write_annotations(table: pd.DataFrame, path: str | os.PathLike[str], attribute: str = "gender") -> Path:
-    """Check ``table`` as an annotations table (:func:`sbssl.leakage.validate_annotations`) and write it as CSV, atomically."""
+    """Check ``table`` (:func:`sbssl.leakage.validate_annotations`) and write it as an annotations CSV, atomically."""
     checked = validate_annotations(table, attribute, source="annotations table")
     target = Path(path)
     with atomic_path(target) as tmp:
