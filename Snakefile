@@ -20,6 +20,7 @@ include: "rules/tests.smk"
 include: "rules/summary.smk"
 include: "rules/control.smk"
 include: "rules/leakage.smk"
+include: "rules/coco.smk"
 
 
 rule all:

@@ -195,6 +195,9 @@ def all_outputs():
         outputs.append(f"{R}/paper/meta_test.json")
     if config["probes"]["enabled"]:
         outputs.append(f"{R}/tables/leakage.csv")
+    if config["coco"]["enabled"]:
+        subsets = ["all"] + [f"alpha{a}" for a in config["coco"]["alphas"]]
+        outputs += [f"{R}/leakage/datasets/coco/{s}/leakage.json" for s in subsets]
     return outputs
 
 

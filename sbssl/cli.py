@@ -133,7 +133,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 def _cmd_leakage(args: argparse.Namespace) -> int:
     from sbssl.leakage import leakage_report, read_annotations, read_predictions, write_leakage
-    from sbssl.provenance import STAGES, provenance
+    from sbssl.provenance import provenance
 
     annotations = read_annotations(args.annotations, args.attribute)
     predictions = read_predictions(args.predictions, annotations) if args.predictions else None
@@ -141,9 +141,7 @@ def _cmd_leakage(args: argparse.Namespace) -> int:
         annotations, predictions, attribute=args.attribute, attacker=args.attacker, rounds=args.rounds,
         epochs=args.epochs, seed=args.seed,
     )  # fmt: skip
-    # The workflow's stage digest once a 'leakage' stage exists; until then the version alone.
-    extra = provenance("leakage") if "leakage" in STAGES else {"sbssl_version": __version__}
-    paths = write_leakage(report, args.out, extra=extra)
+    paths = write_leakage(report, args.out, extra=provenance("leakage"))
     line = f"{paths['json']}: lambda_D = {report.lambda_D.mean:.3f} +- {report.lambda_D.std:.3f}"
     if report.lambda_M is not None:
         line += (f", lambda_M = {report.lambda_M.mean:.3f} +- {report.lambda_M.std:.3f}, model F1 = "

@@ -33,6 +33,8 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "test": (("runner",), ("similarity",)),
     "tables": (("per_test_table", "study"), ("test",)),
     "probes": (("probes",), ("similarity",)),
+    # dataset and model leakage on annotation tables (COCO): no upstream stage of the audit
+    "leakage": (("leakage", "coco"), ()),
 }
 
 

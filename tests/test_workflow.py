@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -391,3 +392,37 @@ def test_a_replaced_checkpoint_fails_and_keeps_finished_results(small_study):
     assert "tv_a.pth" in log and "sha256" in log
     assert {p: p.read_bytes() for p in similarities} == similarities  # restored, not deleted
     assert _outputs(work, "results/tests/tv_a/**/*.json") == tests
+
+
+def test_coco_branch_from_a_local_annotation_folder(tmp_path):
+    """The opt-in COCO leakage branch end to end on a small synthetic COCO (gender from the captions)."""
+    from test_coco import write_coco
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "coco"
+    folder.mkdir()
+    for split, first, n in (("train2014", 1, 120), ("val2014", 1001, 120)):
+        images = {}
+        for i in range(first, first + n):
+            man = bool(i % 2)
+            # bicycles (2) mostly with men, teddy bears (88) mostly with women: the labels leak gender
+            cats = [2] if rng.random() < (0.8 if man else 0.2) else [88]
+            images[i] = ([f"A {'man' if man else 'woman'} in the park"], cats)
+        write_coco(folder, split, images)
+    work = copy_workflow(tmp_path / "work")
+    config = write_config(work, "coco.yaml", {
+        "models": ["random_1"],
+        "coco": {"enabled": True, "annotations": str(folder), "attacker": "logistic", "rounds": 2, "alphas": [1]},
+    })
+    targets = [f"results/leakage/datasets/coco/{s}/leakage.json" for s in ("all", "alpha1")]
+    jobs = {rule for rule, _ in planned_jobs(snakemake(work, "--configfile", str(config), "-n", *targets).stdout)}
+    assert jobs == {"coco_annotations", "coco_balanced_subset", "coco_leakage"}  # nothing to download
+    snakemake(work, "--configfile", str(config), "--cores", "2", *targets)
+    everything = json.loads((work / targets[0]).read_text())
+    balanced = json.loads((work / targets[1]).read_text())
+    assert 0.65 < everything["lambda_D"]["mean"] <= 1.0  # the Bayes accuracy is 0.8
+    assert balanced["lambda_D"]["mean"] < everything["lambda_D"]["mean"]  # alpha = 1 removes the leak
+    subset = pd.read_csv(work / "results/leakage/datasets/coco/alpha1/annotations.csv")
+    for label in ("label_bicycle", "label_teddy_bear"):
+        per_gender = subset[subset[label] == 1].groupby(["split", "gender"]).size().unstack(fill_value=0)
+        assert (per_gender["man"] == per_gender["woman"]).all()
