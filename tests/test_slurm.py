@@ -52,6 +52,7 @@ SMALL = {
     "permutations": 50,
     "control": {"models": []},
     "paper_study": {"enabled": False},
+    "probes": {"enabled": False},
 }
 RUN_TIMEOUT = 420  # seconds per Snakemake run; a healthy one takes 1-3 minutes on 2 cores
 
@@ -82,7 +83,7 @@ def test_users_profile_bundles_the_demo(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     groups = re.findall(r"Group job (\w+) \(jobs", proc.stdout + proc.stderr)
     assert {g: groups.count(g) for g in set(groups)} == {
-        "stimuli": 1, "embedding": 3, "permutation_tests": 2, "aggregates": 1
+        "stimuli": 1, "embedding": 3, "permutation_tests": 2, "aggregates": 1, "probes": 1
     }
 
 
