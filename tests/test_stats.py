@@ -292,7 +292,7 @@ def test_random_splits_are_uniform_seeded_and_chunk_invariant(monkeypatch):
     assert counts.size == 10  # all C(5, 2) subsets, equally often
     assert np.abs(counts - 3_000).max() < 5 * math.sqrt(3_000)
     assert not (np.concatenate(list(stats.random_splits(5, 2, 30_000, seed=2))) == splits).all()
-    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 4_000)  # many chunks: same draws
+    monkeypatch.setattr(stats, "_SPLIT_CHUNK_ELEMENTS", 4_001)  # many chunks of an odd number of draws
     chunks = list(stats.random_splits(5, 2, 30_000, seed=1))
     assert len(chunks) > 1 and (np.concatenate(chunks) == splits).all()
     assert (np.concatenate(list(stats.random_splits(5, 2, 100, seed=1))) == splits[:100]).all()
@@ -307,6 +307,93 @@ def test_random_splits_follow_the_documented_per_split_draw():
             order[i], order[j] = order[j], order[i]
         expected.append(order[:4])
     assert (np.concatenate(list(stats.random_splits(11, 4, 200, seed=9))) == np.array(expected)).all()
+
+
+def test_random_splits_and_p_are_those_of_the_previous_implementation():
+    """Pinned from the implementation before the draw was vectorised (sbssl 2026-11, one numpy call per
+    chunk for j): the same seed gives the same splits and the same p."""
+    first = np.concatenate(list(stats.random_splits(40, 20, 3, seed=1)))
+    assert first.tolist() == [
+        [18, 20, 30, 38, 5, 10, 33, 3, 15, 0, 36, 23, 19, 35, 1, 25, 31, 29, 12, 9],
+        [34, 30, 33, 22, 2, 16, 21, 4, 11, 18, 13, 24, 39, 5, 23, 25, 37, 6, 29, 8],
+        [0, 30, 4, 13, 21, 2, 9, 39, 31, 38, 12, 32, 20, 27, 6, 5, 33, 10, 25, 7],
+    ]
+    wide = np.concatenate(list(stats.random_splits(300, 4, 2, seed=5)))
+    assert wide.tolist() == [[201, 241, 8, 242], [140, 155, 189, 87]] and wide.dtype == np.int16
+    assert first.dtype == np.int8
+    pinned = {
+        (14, 12, 12, 5, 7, 16, 0.3): (0.0454, 0.0904, 0.9547, 0.9470484570402982, 0.6940159385477719),
+        (15, 20, 20, 25, 25, 64, 0.05): (0.5544, 0.8736, 0.4519, -0.038401639006886035, -0.04441508267080678),
+        (16, 9, 11, 4, 6, 8, 0.0): (0.2955, 0.5828, 0.7015, 0.46454452320198436, 0.2450161609667919),
+    }
+    for args, (greater, two, less, statistic, d) in pinned.items():
+        X, Y, A, B = _sets(*args)
+        res = association_test(X, Y, A, B, seed=42)
+        assert res.p_value == greater
+        assert association_test(X, Y, A, B, seed=0, alternative="two-sided").p_value == two
+        assert association_test(X, Y, A, B, seed=7, alternative="less").p_value == less
+        # cosines are now dot products over norms (not products of rescaled unit rows): last bits only
+        assert res.statistic == pytest.approx(statistic, abs=1e-14) and res.effect_size == pytest.approx(d, abs=1e-14)
+
+
+def _stream(rng: np.random.Generator) -> dict:
+    """What decides the rest of the stream: the state, and the buffered 32-bit half only when there is one
+    (numpy leaves a stale value behind when there is none)."""
+    state = rng.bit_generator.state
+    return {**state, "uinteger": state["uinteger"] if state["has_uint32"] else None}
+
+
+@pytest.mark.parametrize("counts", [(1,), (2, 3), (7, 1, 1000), (1001, 1000, 3), (0, 5)])
+def test_next_uint32s_is_numpys_stream(counts):
+    fast, ref = np.random.default_rng(11), np.random.default_rng(11)
+    for count in counts:
+        got = stats._next_uint32s(fast, count)
+        assert got.dtype == np.uint32 and got.shape == (count,)
+        assert (got == ref.integers(0, 1 << 32, size=count, dtype=np.uint32)).all()
+        assert _stream(fast) == _stream(ref)
+    assert fast.integers(0, 10, size=50).tolist() == ref.integers(0, 10, size=50).tolist()
+
+
+def _reference_positions(rng, n, n_x, m):
+    j = rng.integers(np.arange(n_x), n, size=(m, n_x))
+    return j.T * m + np.arange(m)
+
+
+@pytest.mark.parametrize("n,n_x,m", [(40, 20, 999), (5, 2, 1), (2, 1, 300), (127, 60, 41), (300, 7, 100), (1 << 16, 3, 50)])
+def test_swap_positions_are_numpys_draw(n, n_x, m):
+    fast, ref = np.random.default_rng(n), np.random.default_rng(n)
+    for _ in range(3):  # successive chunks continue the same stream
+        assert (stats._swap_positions(fast, n, n_x, m) == _reference_positions(ref, n, n_x, m)).all()
+        assert _stream(fast) == _stream(ref)
+
+
+def test_swap_positions_take_numpys_redraws():
+    """A 32-bit output that Lemire's method rejects (numpy draws another): rare at iEAT sizes, so this uses a
+    span with a high rejection rate; the seed is one whose stream has such an output among the first m."""
+    n, m, seed = 65_175, 60_000, 0  # 2^32 mod 65,175 = 65,146: rejection probability 1.5e-5 per draw
+    u = np.random.default_rng(seed).integers(0, 1 << 32, size=m, dtype=np.uint32).astype(np.uint64)
+    assert ((u * n) % (1 << 32) < (1 << 32) % n).sum() == 4  # the case under test happens
+    fast, ref = np.random.default_rng(seed), np.random.default_rng(seed)
+    assert (stats._swap_positions(fast, n, 1, m) == _reference_positions(ref, n, 1, m)).all()
+    assert _stream(fast) == _stream(ref)
+
+
+def test_index_dtype_is_the_smallest_holding_n():
+    assert [stats._index_dtype(n) for n in (1, 128, 129, 32_768, 32_769)] == [np.int8, np.int8, np.int16, np.int16, np.int32]
+
+
+def test_fast_cosines_fall_back_to_rescaled_rows_outside_the_safe_range():
+    X, Y, A, B = _sets(19)
+    ref = stats._blocks_from_embeddings(X, Y, A, B)
+    for scale in (1e160, 1e-160):  # squared norms overflow / lose digits: rescaled path
+        scaled = X.copy()
+        scaled[1] *= scale
+        assert stats._rows_and_norms(scaled) is None
+        got = stats._blocks_from_embeddings(scaled, Y, A, B)
+        np.testing.assert_allclose(got[0], ref[0], rtol=0, atol=1e-15)
+        np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=1e-15)
+    rows, norms = stats._rows_and_norms(X)
+    np.testing.assert_allclose(norms, np.linalg.norm(X, axis=1), rtol=1e-15)
 
 
 # --------------------------------------------------------------------------- bootstrap
