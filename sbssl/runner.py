@@ -1,8 +1,9 @@
 """One association test of the DAG, run from a cached similarity matrix, and the result file's contract.
 
 The permutation stage has about 10,500 jobs in the full study, so a job must be cheap: it reads the
-(model, layer) similarity matrix and the stimuli manifest through a small in-process cache (the
-workflow runs these jobs as threads of one Snakemake process) and never imports torch.
+(model, layer) similarity matrix and the stimuli manifest through an in-process cache (the workflow runs
+these jobs as threads of one Snakemake process) that holds every matrix of the study
+(:data:`SIMILARITY_CACHE_BYTES`), so each file is read once whatever the job order, and never imports torch.
 
 A result (one JSON file per (model, layer, test, seed) job, keys :data:`RESULT_KEYS`, schema
 :data:`RESULT_SCHEMA`) holds exactly what its numbers depend on: the model, layer, seed, the test's id and
@@ -29,12 +30,14 @@ Files are standard JSON (null, never NaN). :func:`sbssl.per_test_table.tests_tab
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import math
 import os
+import threading
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jsonschema
 import numpy as np
@@ -120,10 +123,40 @@ def _file_key(path: str | os.PathLike[str], what: str) -> tuple[str, int, int, i
     return (str(Path(path).resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_similarity(key: tuple[str, int, int, int]) -> SimilarityMatrix:
-    # read_similarity names the file and the remedy when it is truncated or corrupt; errors are not cached.
-    return read_similarity(key[0])
+class _SimilarityCache:
+    """Similarity files in memory, keyed by :func:`_file_key`; the least recently used are dropped once they
+    hold more than ``max_bytes`` (the newest is always kept). Safe to share between job threads."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[tuple[str, int, int, int], SimilarityMatrix] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int, int]) -> SimilarityMatrix:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        # Read outside the lock so other jobs go on; two threads may read one file once each (harmless).
+        # read_similarity names the file and the remedy when it is truncated or corrupt; errors are not kept.
+        value = read_similarity(key[0])
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > 1 and sum(v.matrix.nbytes for v in self._items.values()) > self.max_bytes:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+#: Bytes of similarity matrices kept in memory by the test jobs of one process. The jobs run in any order
+#: (the scheduler samples the ready ones at random), so the cache holds every (model, layer) matrix of the
+#: full study (90 matrices of 3.5 MB at 664 images) and each file is read once.
+SIMILARITY_CACHE_BYTES = 1 << 30
+_SIMILARITY = _SimilarityCache(SIMILARITY_CACHE_BYTES)
 
 
 @functools.lru_cache(maxsize=4)
@@ -131,25 +164,24 @@ def _cached_manifest(key: tuple[str, int, int, int]) -> pd.DataFrame:
     return read_manifest(key[0])
 
 
-def concept_indices(manifest: pd.DataFrame, similarity: SimilarityMatrix, concept: str, *, role: str) -> np.ndarray:
-    """Row indices into ``similarity`` of every usable image of ``concept`` (one per file, repeats kept).
+@functools.lru_cache(maxsize=1024)
+def _cached_concept_images(manifest_key: tuple[str, int, int, int], concept: str) -> tuple[str, ...]:
+    # A concept is looked up by every model, layer, test and seed that uses it: once per manifest here.
+    return tuple(concept_images(_cached_manifest(manifest_key), concept))
 
-    ``role`` (X, Y, A or B) makes the error precise.
-    """
-    shas = concept_images(manifest, concept)
+
+def _indices(shas: Sequence[str], similarity: SimilarityMatrix, concept: str, role: str) -> np.ndarray:
     if not shas:
         raise ValueError(f"{role} = {concept!r} has no usable images in the stimuli manifest; check the folder")
     return similarity.indices(shas)
 
 
-@functools.lru_cache(maxsize=4096)
-def _cached_concept_indices(
-    manifest_key: tuple[str, int, int, int], similarity_key: tuple[str, int, int, int], concept: str, role: str
-) -> np.ndarray:
-    # A concept is looked up by every test and seed that uses it: resolve it once per file pair.
-    indices = concept_indices(_cached_manifest(manifest_key), _cached_similarity(similarity_key), concept, role=role)
-    indices.flags.writeable = False
-    return indices
+def concept_indices(manifest: pd.DataFrame, similarity: SimilarityMatrix, concept: str, *, role: str) -> np.ndarray:
+    """Row indices into ``similarity`` of every usable image of ``concept`` (one per file, repeats kept).
+
+    ``role`` (X, Y, A or B) makes the error precise.
+    """
+    return _indices(concept_images(manifest, concept), similarity, concept, role)
 
 
 def test_definition(test: Mapping[str, Any] | Any) -> dict[str, str]:
@@ -188,10 +220,10 @@ def run_association_test(
     definition = test_definition(test)
     similarity_key = _file_key(similarity_path, "similarity file")
     manifest_key = _file_key(manifest_path, "stimuli manifest")
-    similarity = _cached_similarity(similarity_key)
+    similarity = _SIMILARITY.get(similarity_key)
     idx = {
-        role: _cached_concept_indices(manifest_key, similarity_key, definition[role.lower()], role)
-        for role in ("X", "Y", "A", "B")
+        role: _indices(_cached_concept_images(manifest_key, concept), similarity, concept, role)
+        for role, concept in ((role, definition[role.lower()]) for role in ("X", "Y", "A", "B"))
     }
     sets = (similarity.matrix, idx["X"], idx["Y"], idx["A"], idx["B"])
     result = association_test_from_similarity(*sets, permutations=permutations, seed=seed, alternative=alternative)

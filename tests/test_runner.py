@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import sbssl.runner as runner
 from sbssl.catalogue import AssociationTestSpec
 from sbssl.provenance import provenance
 from sbssl.runner import (
@@ -19,6 +20,7 @@ from sbssl.runner import (
     run_association_test,
 )
 from sbssl.runner import test_definition as definition_of
+from sbssl.similarity import read_similarity
 from sbssl.storage import write_sha256
 from sbssl.stats import association_test, effect_size_ci_from_similarity
 from sbssl.stimuli import build_manifest, concept_images, distinct_images, write_manifest
@@ -181,3 +183,28 @@ def test_cache_rereads_a_replaced_file_with_the_same_size_and_mtime(study):
 def test_schema_is_valid_and_matches_the_keys():
     jsonschema.Draft202012Validator.check_schema(RESULT_SCHEMA)
     assert RESULT_SCHEMA["required"] == list(RESULT_KEYS) == list(RESULT_SCHEMA["properties"])
+
+
+def test_similarity_cache_reads_each_file_once_within_its_byte_budget(study, monkeypatch):
+    root, _, _ = study
+    reads = []
+
+    def counted(path):
+        reads.append(path)
+        return read_similarity(path)
+
+    monkeypatch.setattr(runner, "read_similarity", counted)
+    for name in ("s1", "s2", "s3"):
+        (root / f"{name}.h5").write_bytes((root / "sim.h5").read_bytes())
+    nbytes = read_similarity(root / "sim.h5").matrix.nbytes
+    cache = runner._SimilarityCache(max_bytes=2 * nbytes)
+    monkeypatch.setattr(runner, "_SIMILARITY", cache)
+    paths = [root / f"{name}.h5" for name in ("s1", "s2", "s1", "s2", "s1")]
+    rows = [run_association_test(p, root / "manifest.csv", TEST, seed=0, **RUN) for p in paths]
+    assert [os.path.basename(p) for p in reads] == ["s1.h5", "s2.h5"]  # then all from memory
+    assert all(row == rows[0] for row in rows)
+    run_association_test(root / "s3.h5", root / "manifest.csv", TEST, seed=0, **RUN)  # over budget: drops s2
+    run_association_test(root / "s1.h5", root / "manifest.csv", TEST, seed=0, **RUN)
+    run_association_test(root / "s2.h5", root / "manifest.csv", TEST, seed=0, **RUN)
+    assert [os.path.basename(p) for p in reads] == ["s1.h5", "s2.h5", "s3.h5", "s2.h5"]
+    assert runner.SIMILARITY_CACHE_BYTES >= 90 * 664 * 664 * 8  # the full study's matrices
