@@ -47,25 +47,26 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import sbssl
+from sbssl.backbones import MODEL_PREPROCESSING, Backbone, hook_tensor, pool_output
 from sbssl.io import atomic_path
 from sbssl.layers import LAYERS
+from sbssl.models import POOLINGS
 from sbssl.provenance import provenance
 from sbssl.storage import create_embeddings, read_embeddings_header, write_sha256
 from sbssl.stimuli import load_image, sha256_file
 
 if TYPE_CHECKING:
-    from sbssl.models import ModelDefinition
+    from sbssl.models import ModelDefinition, ModelSpec
 
 #: Side of the square network input, pixels.
 INPUT_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-POOLINGS = ("flatten", "mean")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: Attributes that identify what a cache file holds; a cached file must match all of them to be reused.
 #: Every key of the caller's ``attrs`` (e.g. ``architecture``) identifies the file too.
-CACHE_KEYS = ("model", "weights_sha256", "preprocessing", "layer", "pooling", "dtype", "permute")
+CACHE_KEYS = ("model", "weights_sha256", "preprocessing", "layer", "module", "pooling", "dtype", "permute")
 #: HDF5 chunk cache of an output file: larger than one chunk, so small rows (mean pooling) fill chunks
 #: across batches.
 _CHUNK_CACHE_BYTES = 2**22
@@ -101,19 +102,31 @@ def _preprocess_sbssl(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(resized.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0))
 
 
-#: Named preprocessing presets: RGB PIL image -> float32 tensor (3, 224, 224). The name is recorded in
-#: every output file.
+#: Named image preprocessing presets: RGB PIL image -> float32 tensor (3, 224, 224). The name is recorded in
+#: every output file. The presets that need the model (its library's transform, iEAT's iGPT tokens) are
+#: sbssl.backbones.MODEL_PREPROCESSING, given by the built :class:`sbssl.backbones.Backbone`.
 PREPROCESSING: dict[str, Callable[[Image.Image], torch.Tensor]] = {
     "standard": _STANDARD,
     "sbssl": _preprocess_sbssl,
 }
 
 
-def _preset(name: str) -> Callable[[Image.Image], torch.Tensor]:
-    try:
+def _check_preset(name: str) -> None:
+    if name not in PREPROCESSING and name not in MODEL_PREPROCESSING:
+        known = sorted([*PREPROCESSING, *MODEL_PREPROCESSING])
+        raise ValueError(f"unknown preprocessing {name!r}; choose one of {known}")
+
+
+def _transform(name: str, built: torch.nn.Module | Backbone) -> Callable[[Image.Image], torch.Tensor]:
+    """The preset ``name``: an image preset, or the transform the built backbone carries for a model preset."""
+    if name in PREPROCESSING:
         return PREPROCESSING[name]
-    except KeyError:
-        raise ValueError(f"unknown preprocessing {name!r}; choose one of {sorted(PREPROCESSING)}") from None
+    if not isinstance(built, Backbone) or built.transform is None:
+        raise ValueError(
+            f"preprocessing {name!r} is the model's own: pass a sbssl.backbones.Backbone built with it "
+            "(build_backbone(..., preprocessing=...)), not a bare module"
+        )
+    return built.transform
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -202,12 +215,12 @@ def _check_permute(permute: Mapping[str, int] | None, hashes: Sequence[str]) -> 
 
 
 def embed_layers(
-    model: torch.nn.Module | Callable[[], torch.nn.Module],
+    model: torch.nn.Module | Backbone | Callable[[], torch.nn.Module | Backbone],
     images: Sequence[tuple[str, str | os.PathLike[str]]],
     out_paths: Mapping[str, str | os.PathLike[str]],
     *,
     attrs: Mapping[str, Any],
-    layers: Sequence[str] = LAYERS,
+    layers: Sequence[str] | Mapping[str, str] = LAYERS,
     preprocessing: str = "sbssl",
     pooling: str = "flatten",
     batch_size: int = 16,
@@ -218,15 +231,22 @@ def embed_layers(
 ) -> EmbeddingReport:
     """Embed images with ``model`` and write one HDF5 cache file per layer, in one forward pass per batch.
 
-    model: the network, or a zero-argument callable that builds it (called only when some layer must be
-        computed, so a full cache hit loads no weights).
+    model: the network, a :class:`sbssl.backbones.Backbone` (network + the transform of a model preset), or a
+        zero-argument callable that builds either (called only when some layer must be computed, so a full
+        cache hit loads no weights).
     images: (sha256, path) of each distinct image, in the row order of the outputs.
-    out_paths: layer -> .h5 path, one per entry of ``layers`` (module names of ``model``, e.g. ``layer1`` or
-        ``layer1.0.bn3``).
+    out_paths: layer -> .h5 path, one per entry of ``layers``.
+    layers: slug -> module path of ``model`` (e.g. ``{"block6": "blocks.5"}``), or a sequence of module paths
+        that are their own slugs (``layer1``, ``layer1.0.bn3``). Stored as the ``layer`` (slug) and ``module``
+        attributes.
+    preprocessing: an image preset of :data:`PREPROCESSING`, or ``model`` / ``igpt``
+        (sbssl.backbones.MODEL_PREPROCESSING), which need ``model`` to be (or build) a Backbone carrying it.
     attrs: identity of the model, stored (as str) and checked on reuse (every key); must hold ``model`` (slug)
         and ``weights_sha256`` (hex digest, or e.g. ``random-init-seed-1`` for a random model).
     pooling: ``flatten`` keeps the whole map (C*H*W values per image, 802,816 at layer1, C-major order);
-        ``mean`` averages each channel over space (C values).
+        ``mean`` averages each channel over space (C values); ``cls``, ``tokens_mean``, ``patch_mean`` reduce
+        a (B, T, C) token map (:func:`sbssl.backbones.pool_output`). Hooked outputs that are tuples or
+        ModelOutputs give their hidden-states tensor (:func:`sbssl.backbones.hook_tensor`).
     dtype: stored type, ``float32`` (default) or ``float16`` (half the disk, but it shifts p-values; see the
         module docstring); the forward pass itself runs in full float32 (no TF32 on CUDA).
     permute: image sha256 -> seed: these images' network inputs get their spatial positions shuffled
@@ -245,12 +265,13 @@ def embed_layers(
     for key in ("model", "weights_sha256"):
         if not attrs.get(key):
             raise ValueError(f"attrs must name {key!r} (got {dict(attrs)!r})")
+    modules = dict(layers) if isinstance(layers, Mapping) else {layer: layer for layer in layers}
     layers = tuple(layers)
     if not layers or len(set(layers)) != len(layers):
         raise ValueError(f"layers must be a non-empty list without repeats, got {list(layers)}")
     if set(out_paths) != set(layers):
         raise ValueError(f"out_paths names layers {sorted(out_paths)}, but layers are {list(layers)}")
-    transform = _preset(preprocessing)
+    _check_preset(preprocessing)
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {list(POOLINGS)}")
     if dtype not in DTYPES:
@@ -270,6 +291,7 @@ def embed_layers(
             **{k: str(v) for k, v in attrs.items()},
             "preprocessing": preprocessing,
             "layer": layer,
+            "module": modules[layer],
             "pooling": pooling,
             "dtype": dtype,
             "permute": permutation_id(permute),
@@ -285,11 +307,13 @@ def embed_layers(
     dev = resolve_device(device)
     batches = 0
     if todo:
+        built = model if isinstance(model, (torch.nn.Module, Backbone)) else model()
+        network = built.module if isinstance(built, Backbone) else built
         batches = _extract(
-            model if isinstance(model, torch.nn.Module) else model(), images, {layer: (Path(out_paths[layer]), wanted[layer]) for layer in todo},
-            transform=transform, pooling=pooling, batch_size=batch_size, device=dev, dtype=dtype, permute=permute,
-            progress=progress,
-        )
+            network, images, {layer: (Path(out_paths[layer]), wanted[layer]) for layer in todo},
+            transform=_transform(preprocessing, built), pooling=pooling, batch_size=batch_size, device=dev,
+            dtype=dtype, permute=permute, progress=progress,
+        )  # fmt: skip
     return EmbeddingReport(
         model=str(attrs["model"]),
         n_images=len(hashes),
@@ -361,9 +385,10 @@ def _extract(
     permute: Mapping[str, int],
     progress: bool,
 ) -> int:
-    """Run the forward passes and stream every captured layer into its file; return the number of batches."""
+    """Run the forward passes and stream every captured layer into its file; return the number of batches.
+    Each output's attrs name its ``module``."""
     modules = dict(model.named_modules())
-    unknown = [layer for layer in outputs if layer not in modules]
+    unknown = [wanted["module"] for _, wanted in outputs.values() if wanted["module"] not in modules]
     if unknown:
         raise ValueError(f"model has no module(s) {unknown}; known top-level modules: {list(dict(model.named_children()))}")
     model.eval().to(device)
@@ -374,8 +399,7 @@ def _extract(
         def hook(_module, _inputs, output):
             # Reduce and copy now: later in-place operations of the forward pass (e.g. ``out += identity``
             # after ``layer1.0.bn3``) would otherwise change what is stored, and the full map can be freed.
-            out = output.flatten(1) if pooling == "flatten" or output.ndim < 3 else output.mean(dim=tuple(range(2, output.ndim)))
-            captured[name] = out.to(torch_dtype, copy=True)
+            captured[name] = pool_output(hook_tensor(output), pooling, name).to(torch_dtype, copy=True)
 
         return hook
 
@@ -386,7 +410,12 @@ def _extract(
 
     def prepare(sha: str, path: str | os.PathLike[str]) -> torch.Tensor:
         tensor = transform(_load_checked(sha, path))
-        return permute_positions(tensor, sha, permute[sha]) if sha in permute else tensor
+        if sha not in permute:
+            return tensor
+        if tensor.ndim != 3 or not tensor.is_floating_point():
+            raise ValueError(f"the pixel-permutation control needs (C, H, W) image inputs, not {tuple(tensor.shape)} "
+                             f"{tensor.dtype} (model {model_name})")  # fmt: skip
+        return permute_positions(tensor, sha, permute[sha])
 
     def load(chunk: Sequence[tuple[str, str | os.PathLike[str]]]) -> torch.Tensor:
         return torch.stack([prepare(sha, path) for sha, path in chunk])
@@ -398,8 +427,8 @@ def _extract(
             datasets[layer][b0 : b0 + len(values)] = values
 
     with contextlib.ExitStack() as stack:
-        for layer in outputs:
-            stack.enter_context(modules[layer].register_forward_hook(keep(layer)))
+        for layer, (_, wanted) in outputs.items():
+            stack.enter_context(modules[wanted["module"]].register_forward_hook(keep(layer)))
         files: dict[str, h5py.File] = {}
         datasets: dict[str, h5py.Dataset] = {}
         for layer, (path, wanted) in outputs.items():
@@ -459,15 +488,15 @@ def embedding_attrs(
     *,
     lock_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, str]:
-    """The model identity stored in (and checked against) cache files: ``model`` (zoo slug), ``architecture``
-    and ``weights_sha256`` (full hex digest of the weights file, or ``random-init-seed-<seed>`` for a random
-    model).
+    """The model identity stored in (and checked against) cache files: ``model`` (zoo slug), ``source``,
+    ``architecture`` and ``weights_sha256`` (full hex digest of the weights file or folder, or
+    ``random-init-seed-<seed>`` for a random model).
 
-    model: a :class:`sbssl.models.ModelDefinition` (or anything with name, architecture, weights, init_seed).
-    A weights file is checked with :func:`sbssl.models.verify_weights` against the zoo's digests and the
-    weights lock ``lock_path`` (required for a pretrained model), which gives its sha256.
+    model: a :class:`sbssl.models.ModelDefinition`. A weights file is checked with
+    :func:`sbssl.models.verify_weights` against the zoo's digests and the weights lock ``lock_path`` (required
+    for a pretrained model), which gives its sha256.
     """
-    base = {"model": model.name, "architecture": model.architecture}
+    base = {"model": model.name, "source": model.source, "architecture": model.architecture}
     if model.weights is None:
         if weights_path is not None:
             raise ValueError(f"model {model.name!r} is randomly initialised; do not pass weights ({weights_path})")
@@ -482,24 +511,47 @@ def embedding_attrs(
 
 
 def embed_model(
-    model: ModelDefinition,
+    model: ModelSpec | ModelDefinition,
     weights_path: str | os.PathLike[str] | None,
     manifest_path: str | os.PathLike[str],
     stimuli_root: str | os.PathLike[str],
     out_paths: Mapping[str, str | os.PathLike[str]],
     *,
     lock_path: str | os.PathLike[str] | None = None,
+    layers: Sequence[str] | None = None,
+    pooling: str | None = None,
+    preprocessing: str | None = None,
     **options: Any,
 ) -> EmbeddingReport:
     """Embed the distinct images of a stimuli manifest with a zoo model: :func:`embed_layers` on
     ``sbssl.stimuli.distinct_images`` (paths resolved under ``stimuli_root``), the weights verified first
-    (:func:`embedding_attrs`, with ``lock_path``), the model built with ``sbssl.models.build_model`` only when
-    something must be computed. ``options`` go to :func:`embed_layers` (layers, preprocessing, pooling,
-    batch_size, device, dtype, permute, progress)."""
-    from sbssl.models import build_model
+    (:func:`embedding_attrs`, with ``lock_path``), the model built with :func:`sbssl.backbones.build_backbone`
+    only when something must be computed.
+
+    out_paths: layer slug -> .h5 path, for some or all of the model's layers (:func:`sbssl.layers.model_layers`;
+        each slug is hooked at its module path). layers: the same slugs (optional; checked against out_paths).
+    pooling, preprocessing: None (the default) = the zoo entry's, else the architecture's default
+        (:func:`sbssl.backbones.embedding_settings`); a value overrides both for this call.
+    ``options`` go to :func:`embed_layers` (batch_size, device, dtype, permute, progress)."""
+    from sbssl.backbones import build_backbone, embedding_settings
+    from sbssl.layers import model_layers
+    from sbssl.models import ModelSpec
     from sbssl.stimuli import distinct_images, read_manifest
 
+    definition = model.definition if isinstance(model, ModelSpec) else model
+    folder = Path(weights_path) if weights_path is not None and Path(weights_path).is_dir() else None
+    known = {layer.slug: layer.module for layer in model_layers(model, folder)}
+    slugs = list(out_paths) if layers is None else list(layers)
+    unknown = [slug for slug in slugs if slug not in known]
+    if unknown:
+        raise ValueError(f"model {definition.name!r} has no layer(s) {unknown}; its layers: {list(known)}")
+    default_pooling, default_preprocessing = embedding_settings(definition, folder)
+    pooling = pooling or default_pooling
+    preprocessing = preprocessing or default_preprocessing
     root = Path(stimuli_root)
     images = [(row.sha256, root / row.path) for row in distinct_images(read_manifest(manifest_path)).itertuples()]
-    attrs = embedding_attrs(model, weights_path, lock_path=lock_path)
-    return embed_layers(lambda: build_model(model, weights_path), images, out_paths, attrs=attrs, **options)
+    attrs = embedding_attrs(definition, weights_path, lock_path=lock_path)
+    return embed_layers(
+        lambda: build_backbone(definition, weights_path, preprocessing=preprocessing), images, out_paths, attrs=attrs,
+        layers={slug: known[slug] for slug in slugs}, pooling=pooling, preprocessing=preprocessing, **options,
+    )  # fmt: skip

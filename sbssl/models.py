@@ -1,24 +1,31 @@
-"""The model zoo (``config/models.yaml``), verified weight downloads, checkpoint conversion, model building.
+"""The model zoo (``config/models.yaml``), verified weight downloads, checkpoint reading, model building.
 
 A zoo entry (:class:`ModelSpec`) holds labels used at table time and a :class:`ModelDefinition`, the part
 that the numbers depend on; jobs get only the latter (:func:`model_definition_dict`). Checkpoints are
 trusted on first fetch and pinned: the weights lock (``config/weights.lock``, :func:`read_weights_lock`)
-keeps each model's URL and full sha256, and :func:`verify_weights` checks the file on every use.
+keeps each model's URL and full sha256, and :func:`verify_weights` checks the file (or model folder) on
+every use.
 
-Every model is a torchvision ResNet-50. Checkpoints from the SSL libraries are converted into torchvision's
-state_dict key names (``conv1.weight``, ``layer1.0.bn1.running_mean``, ...), then loaded strictly: every
-backbone tensor must be present with the right shape, nothing unknown may be left over, and only the
-classifier ``fc.*`` (and the ``num_batches_tracked`` counters, unused in eval mode) may be absent.
-Checkpoints are always read with ``torch.load(..., weights_only=True)``: a downloaded pickle never runs code.
+A zoo file is validated against ``config/schemas/zoo.schema.yaml`` (JSON schema; its enums are the constants
+below) and then by the checks a schema cannot state; errors name the file, the model and the key.
+
+Models come from any library of :data:`SOURCES`; :mod:`sbssl.backbones` (the registry) builds them. The
+ResNet-50 checkpoints of the SSL libraries are converted into torchvision's state_dict key names
+(:func:`convert_checkpoint`, ``conv1.weight``, ``layer1.0.bn1.running_mean``, ...). Checkpoints are read with
+the safetensors library (``.safetensors`` content) or ``torch.load(..., weights_only=True)``: a downloaded
+pickle never runs code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import os
 import re
-from dataclasses import asdict, dataclass
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
@@ -31,26 +38,46 @@ if TYPE_CHECKING:  # torch is imported lazily: loading the zoo must stay cheap f
 
 FAMILIES = ("geometric", "clustering", "contrastive", "supervised", "random")
 META_GROUPS = ("contrastive", "non_contrastive")
-ARCHITECTURES = ("resnet50",)
-#: Checkpoint layouts :func:`convert_checkpoint` understands (see its docstring).
-FORMATS = ("mmselfsup", "openselfsup", "vissl", "vissl_converted", "torchvision", "moco", "swav")
+#: Model libraries (entries of sbssl.backbones.REGISTRY); ``torchvision`` when an entry names none.
+SOURCES = ("torchvision", "timm", "open_clip", "huggingface")
+DEFAULT_SOURCE = "torchvision"
+#: Checkpoint layouts of the SSL ResNet-50 libraries that :func:`convert_checkpoint` turns into torchvision's.
+RESNET_FORMATS = ("mmselfsup", "openselfsup", "vissl", "vissl_converted", "torchvision", "moco", "swav")
+#: Every checkpoint format: the ResNet layouts, and each library's own key layout (a Hugging Face model is a
+#: folder: config.json and weights).
+FORMATS = (*RESNET_FORMATS, "timm", "open_clip", "huggingface")
+#: Formats each source accepts.
+SOURCE_FORMATS = {
+    "torchvision": RESNET_FORMATS,
+    "timm": ("timm",),
+    "open_clip": ("open_clip",),
+    "huggingface": ("huggingface",),
+}
+#: How a layer's output becomes one row per image (sbssl.backbones.pool_output).
+POOLINGS = ("flatten", "mean", "cls", "tokens_mean", "patch_mean")
+#: Preprocessing presets: the image presets of sbssl.embed and the ones that need the model
+#: (sbssl.backbones.MODEL_PREPROCESSING: the library's own transform, iEAT's iGPT tokens).
+PREPROCESSINGS = ("sbssl", "standard", "model", "igpt")
+#: JSON schema of a zoo file (YAML), beside the workflow config's schema.
+ZOO_SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schemas" / "zoo.schema.yaml"
 
 _SLUG = re.compile(r"^[a-z0-9_]+$")
 _HEX = re.compile(r"^[0-9a-f]+$")
-_LABEL_KEYS = {"title", "family", "meta_group", "imagenet_top1"}
-_DEFINITION_KEYS = {"architecture", "weights", "init_seed"}
-_MODEL_KEYS = _LABEL_KEYS | _DEFINITION_KEYS
-_WEIGHTS_KEYS = {"url", "sha256", "sha256_prefix", "md5_prefix", "format"}
+_DEFINITION_KEYS = {"source", "architecture", "weights", "init_seed", "layers", "pooling", "preprocessing"}
 #: URL schemes a zoo may name. Not http://: its bytes can be altered in transit, and a checkpoint is code-adjacent.
-URL_SCHEMES = ("https://", "file://")
+#: ``hf://<owner>/<name>@<revision>`` is a Hugging Face hub snapshot (a model folder) at a pinned revision.
+URL_SCHEMES = ("https://", "file://", "hf://")
+_HF_URL = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)@(?P<revision>[\w./-]+)$")
 
 
 @dataclass(frozen=True)
 class WeightsSpec:
     """Where a checkpoint comes from and how to check and read it.
 
-    ``sha256`` is the full digest when known; ``sha256_prefix`` / ``md5_prefix`` are the digest prefixes that
-    publishers put in file names or READMEs. ``format`` is one of :data:`FORMATS`.
+    ``url``: ``https://`` or ``file://`` (a file, or a local model folder for ``huggingface``), or
+    ``hf://<owner>/<name>@<revision>`` (a hub snapshot). ``sha256`` is the full digest when known (of the file;
+    of a folder, its tree digest, :func:`tree_digests`); ``sha256_prefix`` / ``md5_prefix`` are the digest
+    prefixes that publishers put in file names or READMEs. ``format`` is one of :data:`FORMATS`.
     """
 
     url: str
@@ -62,22 +89,38 @@ class WeightsSpec:
 
 @dataclass(frozen=True)
 class ModelDefinition:
-    """Everything a model's numbers depend on, and nothing else: the zoo slug, the architecture, and either
-    the checkpoint (``weights``) or the random-init seed (``init_seed``), exactly one of them not None.
+    """Everything a model's numbers depend on, and nothing else: the zoo slug, the library (``source``) and its
+    model name (``architecture``), either the checkpoint (``weights``) or the random-init seed (``init_seed``),
+    exactly one of them not None, and how embeddings are taken: ``layers`` (ordered (slug, module path) pairs;
+    None = the architecture's default, :func:`sbssl.layers.model_layers`), ``pooling`` and ``preprocessing``
+    (None = the architecture's default, :func:`sbssl.backbones.embedding_settings`).
 
-    Labels (title, family, meta group, ImageNet accuracy) are not part of it: they are read from the zoo at
-    table time, so relabelling a model reruns no embedding or test.
+    Labels (title, family, meta group, ImageNet accuracy, layer titles) are not part of it: they are read from
+    the zoo at table time, so relabelling a model reruns no embedding or test.
     """
 
     name: str
     architecture: str
     weights: WeightsSpec | None
     init_seed: int | None
+    source: str = DEFAULT_SOURCE
+    layers: tuple[tuple[str, str], ...] | None = None
+    pooling: str | None = None
+    preprocessing: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerLabel:
+    """Display labels a zoo entry may give a layer: ``title`` and relative ``depth`` in [0, 1] (None = derived)."""
+
+    title: str | None = None
+    depth: float | None = None
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One zoo entry. ``weights`` is None exactly for random models, which have an ``init_seed`` instead."""
+    """One zoo entry. ``weights`` is None exactly for random models, which have an ``init_seed`` instead.
+    ``layer_labels``: slug -> :class:`LayerLabel` for layers the entry titles itself."""
 
     name: str
     title: str
@@ -87,11 +130,19 @@ class ModelSpec:
     architecture: str
     weights: WeightsSpec | None
     init_seed: int | None
+    source: str = DEFAULT_SOURCE
+    layers: tuple[tuple[str, str], ...] | None = None
+    pooling: str | None = None
+    preprocessing: str | None = None
+    layer_labels: Mapping[str, LayerLabel] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def definition(self) -> ModelDefinition:
         """What this model's numbers depend on (see :class:`ModelDefinition`)."""
-        return ModelDefinition(self.name, self.architecture, self.weights, self.init_seed)
+        return ModelDefinition(
+            self.name, self.architecture, self.weights, self.init_seed, self.source, self.layers, self.pooling,
+            self.preprocessing,
+        )  # fmt: skip
 
 
 def _as_definition(model: ModelSpec | ModelDefinition) -> ModelDefinition:
@@ -112,89 +163,123 @@ def _hex_digest(where: str | os.PathLike[str], name: str, key: str, value: Any, 
     return text
 
 
-def _weights_spec(where: str | os.PathLike[str], name: str, raw: Any) -> WeightsSpec:
-    if not isinstance(raw, Mapping):
-        raise _fail(where, name, "weights", "must be a mapping with url, format and a hash")
-    unknown = set(raw) - _WEIGHTS_KEYS
-    if unknown:
-        raise _fail(where, name, f"weights.{sorted(unknown)[0]}", f"unknown key; allowed: {sorted(_WEIGHTS_KEYS)}")
-    for key in ("url", "format"):
-        if not raw.get(key):
-            raise _fail(where, name, f"weights.{key}", "is required")
-    url = str(raw["url"])
-    if not url.startswith(URL_SCHEMES):
-        raise _fail(
-            where, name, "weights.url",
-            f"{url!r} is not an https:// or file:// URL (plain http:// is refused: a download could be altered "
-            "in transit)",
-        )
-    if raw["format"] not in FORMATS:
-        raise _fail(where, name, "weights.format", f"{raw['format']!r} is not one of {list(FORMATS)}")
-    return WeightsSpec(
-        url=url,
-        format=str(raw["format"]),
-        sha256=_hex_digest(where, name, "weights.sha256", raw.get("sha256"), 64),
-        sha256_prefix=_hex_digest(where, name, "weights.sha256_prefix", raw.get("sha256_prefix"), None),
-        md5_prefix=_hex_digest(where, name, "weights.md5_prefix", raw.get("md5_prefix"), None),
-    )
-
-
 def _check_name(where: str | os.PathLike[str], name: Any) -> str:
     if not isinstance(name, str) or not _SLUG.match(name):
         raise ValueError(f"{where}: model name {name!r} must be a slug (lower-case letters, digits, _)")
     return name
 
 
-def _definition(where: str | os.PathLike[str], name: str, raw: Mapping[str, Any]) -> ModelDefinition:
-    """Validate the defining keys of a zoo entry (or of job params); other keys are the caller's concern."""
-    if not raw.get("architecture"):
-        raise _fail(where, name, "architecture", "is required")
-    if raw["architecture"] not in ARCHITECTURES:
-        raise _fail(where, name, "architecture", f"{raw['architecture']!r} is not one of {list(ARCHITECTURES)}")
-    has_weights, seed = raw.get("weights") is not None, raw.get("init_seed")
-    if has_weights == (seed is not None):
+def zoo_schema() -> dict[str, Any]:
+    """The zoo's JSON schema (:data:`ZOO_SCHEMA`, YAML): ``$defs.model`` (a zoo entry) and ``$defs.definition``
+    (the defining keys, as in job params)."""
+    if not ZOO_SCHEMA.is_file():
+        raise FileNotFoundError(f"{ZOO_SCHEMA}: the zoo schema is missing from this checkout")
+    return read_yaml(ZOO_SCHEMA, "zoo schema")
+
+
+def _schema_check(where: str | os.PathLike[str], name: str, raw: Any, kind: str) -> None:
+    """Validate one entry against ``$defs.<kind>`` of the zoo schema; the first error names the model and key."""
+    import jsonschema
+
+    schema = zoo_schema()
+    validator = jsonschema.Draft202012Validator({**schema["$defs"][kind], "$defs": schema["$defs"]})
+    error = next(iter(validator.iter_errors(raw)), None)
+    if error is None:
+        return
+    key = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(str(k) for k in set(error.instance) - set(allowed))
+        raise _fail(where, name, ".".join(filter(None, [key, extra[0]])), f"unknown key; allowed: {allowed}")
+    if error.validator == "required":
+        missing = sorted(set(error.validator_value) - set(error.instance))
+        raise _fail(where, name, ".".join(filter(None, [key, missing[0]])), "is required")
+    if error.validator == "oneOf" and not key:
         raise _fail(where, name, "weights", "give exactly one of weights (pretrained) or init_seed (random)")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise _fail(where, name, "init_seed", f"{seed!r} is not a non-negative integer")
-    weights = _weights_spec(where, name, raw["weights"]) if has_weights else None
-    return ModelDefinition(name=name, architecture=str(raw["architecture"]), weights=weights, init_seed=seed)
+    problem = error.message
+    if error.schema.get("description") and error.validator in ("pattern", "oneOf", "type"):
+        problem += f" (expected: {error.schema['description']})"
+    raise _fail(where, name, key or "-", problem)
+
+
+def _hex(value: Any) -> str | None:
+    return None if value is None else str(value).lower()
+
+
+def _weights_spec(where: str | os.PathLike[str], name: str, source: str, raw: Mapping[str, Any]) -> WeightsSpec:
+    """The checks of a ``weights`` mapping that the schema cannot state (it checked keys, types and digests)."""
+    url, fmt = str(raw["url"]), str(raw["format"])
+    if not url.startswith(URL_SCHEMES):
+        raise _fail(
+            where, name, "weights.url",
+            f"{url!r} is not an https://, file:// or hf:// URL (plain http:// is refused: a download could be "
+            "altered in transit)",
+        )  # fmt: skip
+    if url.startswith("hf://") and (not _HF_URL.match(url) or fmt != "huggingface"):
+        raise _fail(where, name, "weights.url",
+                    f"{url!r}: a hub snapshot is hf://<owner>/<name>@<revision> (pin a commit) with format huggingface")
+    if fmt not in SOURCE_FORMATS[source]:
+        raise _fail(where, name, "weights.format",
+                    f"{fmt!r} is not a {source} checkpoint format; use one of {list(SOURCE_FORMATS[source])}")
+    return WeightsSpec(
+        url=url, format=fmt, sha256=_hex(raw.get("sha256")), sha256_prefix=_hex(raw.get("sha256_prefix")),
+        md5_prefix=_hex(raw.get("md5_prefix")),
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _torchvision_models() -> frozenset[str]:
+    import torchvision
+
+    return frozenset(torchvision.models.list_models())
+
+
+def _definition(where: str | os.PathLike[str], name: str, raw: Mapping[str, Any]) -> ModelDefinition:
+    """The definition of a schema-valid entry (or job params), after the checks a schema cannot state."""
+    source = str(raw.get("source", DEFAULT_SOURCE))
+    architecture = str(raw["architecture"])
+    if source == "torchvision" and architecture != "resnet50" and architecture not in _torchvision_models():
+        raise _fail(where, name, "architecture",
+                    f"{architecture!r} is not a torchvision model (see torchvision.models.list_models())")
+    weights = _weights_spec(where, name, source, raw["weights"]) if raw.get("weights") is not None else None
+    if raw.get("preprocessing") == "igpt" and source != "huggingface":
+        raise _fail(where, name, "preprocessing", "igpt is iEAT's recipe for Hugging Face ImageGPT models")
+    layers = raw.get("layers")
+    pairs = None
+    if layers is not None:
+        pairs = tuple((str(slug), str(v["module"] if isinstance(v, Mapping) else v)) for slug, v in layers.items())
+    return ModelDefinition(
+        name=name, architecture=architecture, weights=weights, init_seed=raw.get("init_seed"), source=source,
+        layers=pairs, pooling=raw.get("pooling"), preprocessing=raw.get("preprocessing"),
+    )  # fmt: skip
 
 
 def _model_spec(path: Path, name: Any, raw: Any) -> ModelSpec:
     name = _check_name(path, name)
     if not isinstance(raw, Mapping):
         raise _fail(path, name, "-", "the entry must be a mapping")
-    unknown = set(raw) - _MODEL_KEYS
-    if unknown:
-        raise _fail(path, name, sorted(unknown)[0], f"unknown key; allowed: {sorted(_MODEL_KEYS)}")
-    for key in ("title", "family"):
-        if not raw.get(key):
-            raise _fail(path, name, key, "is required")
-    if raw["family"] not in FAMILIES:
-        raise _fail(path, name, "family", f"{raw['family']!r} is not one of {list(FAMILIES)}")
-    meta_group = raw.get("meta_group")
-    if meta_group is not None and meta_group not in META_GROUPS:
-        raise _fail(path, name, "meta_group", f"{meta_group!r} is not one of {list(META_GROUPS)} (or absent)")
-    top1 = raw.get("imagenet_top1")
-    if top1 is not None and (isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0 <= top1 <= 100):
-        raise _fail(path, name, "imagenet_top1", f"{top1!r} is not a percentage in [0, 100] (or null)")
+    _schema_check(path, name, raw, "model")
     definition = _definition(path, name, raw)
+    labels = {
+        str(slug): LayerLabel(title=value.get("title"), depth=value.get("depth"))
+        for slug, value in (raw.get("layers") or {}).items()
+        if isinstance(value, Mapping)
+    }
+    top1 = raw.get("imagenet_top1")
     return ModelSpec(
-        name=name,
-        title=str(raw["title"]),
-        family=str(raw["family"]),
-        meta_group=meta_group,
-        imagenet_top1=None if top1 is None else float(top1),
-        architecture=definition.architecture,
-        weights=definition.weights,
-        init_seed=definition.init_seed,
-    )
+        name=name, title=str(raw["title"]), family=str(raw["family"]), meta_group=raw.get("meta_group"),
+        imagenet_top1=None if top1 is None else float(top1), architecture=definition.architecture,
+        weights=definition.weights, init_seed=definition.init_seed, source=definition.source,
+        layers=definition.layers, pooling=definition.pooling, preprocessing=definition.preprocessing,
+        layer_labels=labels,
+    )  # fmt: skip
 
 
 def load_zoo(path: str | os.PathLike[str]) -> dict[str, ModelSpec]:
     """Read and validate a zoo file (top key ``models:``); return ``{name: ModelSpec}`` in file order.
 
-    Errors name the file, the model and the key at fault; a key repeated within a mapping is refused.
+    Entries are checked against the zoo schema (:data:`ZOO_SCHEMA`) and by :func:`_definition`; errors name
+    the file, the model and the key at fault; a key repeated within a mapping is refused.
     """
     file = Path(path)
     data = read_yaml(file, "model zoo")
@@ -209,18 +294,27 @@ def load_zoo(path: str | os.PathLike[str]) -> dict[str, ModelSpec]:
 def model_definition_dict(model: ModelSpec | ModelDefinition) -> dict[str, Any]:
     """The plain, JSON-able form of a model's definition: what the workflow puts in a job's params.
 
-    ``{"architecture": str, "weights": {"url", "format"[, "sha256", "sha256_prefix", "md5_prefix"]}}`` for a
-    pretrained model, ``{"architecture": str, "init_seed": int}`` for a random one: the defining keys of the
-    zoo entry, with absent (None) values left out so that a future optional key changes no existing job's
-    params. The name is not included: it is the job's ``{model}`` wildcard, already in every output path;
-    :func:`model_definition_from_dict` takes it separately.
+    The defining keys of the zoo entry: ``architecture``; ``weights`` (``{"url", "format"[, "sha256",
+    "sha256_prefix", "md5_prefix"]}``) or ``init_seed``; ``source`` unless torchvision; ``layers`` (``{slug:
+    module}`` in order), ``pooling`` and ``preprocessing`` when the entry sets them. Absent (None) and default
+    values are left out, so an entry written before a key existed keeps its params (a ResNet-50 is
+    ``{"architecture": "resnet50", "init_seed": 1}`` as before). The defaults themselves are code
+    (sbssl.backbones), covered by the embed stage's code digest. The name is not included: it is the job's
+    ``{model}`` wildcard, already in every output path; :func:`model_definition_from_dict` takes it separately.
     """
     definition = _as_definition(model)
     out: dict[str, Any] = {"architecture": definition.architecture}
+    if definition.source != DEFAULT_SOURCE:
+        out["source"] = definition.source
     if definition.weights is not None:
         out["weights"] = {k: v for k, v in asdict(definition.weights).items() if v is not None}
     if definition.init_seed is not None:
         out["init_seed"] = definition.init_seed
+    if definition.layers is not None:
+        out["layers"] = dict(definition.layers)
+    for key in ("pooling", "preprocessing"):
+        if getattr(definition, key) is not None:
+            out[key] = getattr(definition, key)
     return out
 
 
@@ -235,6 +329,7 @@ def model_definition_from_dict(name: str, data: Mapping[str, Any]) -> ModelDefin
     unknown = set(data) - _DEFINITION_KEYS
     if unknown:
         raise _fail(where, name, sorted(unknown)[0], f"not a defining key; allowed: {sorted(_DEFINITION_KEYS)}")
+    _schema_check(where, name, data, "definition")
     return _definition(where, name, data)
 
 
@@ -364,10 +459,10 @@ def verify_weights(
 def _verify(definition: ModelDefinition, file: Path, lock: Path, *, downloaded: bool) -> str:
     """:func:`verify_weights`; ``downloaded``: ``file`` was just fetched from the zoo's URL, so that with no
     digest known at all it is the first trusted copy and is locked."""
-    from sbssl.download import HashMismatchError, digest_problems, file_digests
+    from sbssl.download import HashMismatchError, digest_problems
 
     weights = _require_weights(definition)
-    if not file.is_file():
+    if not (file.is_dir() if _is_folder(weights) else file.is_file()):
         raise FileNotFoundError(
             f"checkpoint {file} of model {definition.name!r} not found (fetch it with "
             f"`sbssl fetch-weights --model {definition.name}`)"
@@ -379,7 +474,7 @@ def _verify(definition: ModelDefinition, file: Path, lock: Path, *, downloaded: 
             f"cannot be verified; fetch it with `sbssl fetch-weights --model {definition.name}` (downloads it "
             f"and records its sha256 in {lock}), or give its sha256 in the zoo"
         )
-    digests = file_digests(file)
+    digests = weights_digests(file)
     problems = digest_problems(
         digests, sha256=weights.sha256, sha256_prefix=weights.sha256_prefix, md5_prefix=weights.md5_prefix
     )
@@ -394,6 +489,62 @@ def _verify(definition: ModelDefinition, file: Path, lock: Path, *, downloaded: 
     if entry is None:
         _record(definition, lock, digests["sha256"])
     return digests["sha256"]
+
+
+def _is_folder(weights: WeightsSpec) -> bool:
+    """Hugging Face weights are model folders (config.json + weights files); all others are one file."""
+    return weights.format == "huggingface"
+
+
+def weights_path(model: ModelSpec | ModelDefinition, dest_dir: str | os.PathLike[str] = "pretrains") -> Path:
+    """Where :func:`fetch_weights` puts a model's weights: ``<dest_dir>/<name>`` (a folder) for Hugging Face
+    models, ``<dest_dir>/<name>.pth`` (a file, whatever its format: safetensors are recognised by content)
+    for the others."""
+    definition = _as_definition(model)
+    weights = _require_weights(definition)
+    return Path(dest_dir) / (definition.name if _is_folder(weights) else f"{definition.name}.pth")
+
+
+def _tree_files(folder: Path) -> list[Path]:
+    """The files of a model folder that define it: regular files, sorted, without hidden paths (the hub
+    client's ``.cache/``) and without the digest sidecars that sbssl writes beside each file."""
+    from sbssl.download import digest_cache_path
+
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.name.endswith(".digest.json") and digest_cache_path(path.with_name(path.name[: -len(".digest.json")])) == path:
+            continue
+        files.append(path)
+    return files
+
+
+def tree_digests(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """``{"sha256", "md5"}`` of a model folder: each digest is taken over the lines ``<file digest>  <relative
+    path>`` (POSIX, sorted) of its files (:func:`_tree_files`), the file digests from
+    :func:`sbssl.download.file_digests` (hashed once per file version). Renaming, adding, removing or changing
+    any file changes it."""
+    from sbssl.download import file_digests
+
+    root = Path(folder)
+    files = _tree_files(root)
+    if not files:
+        raise ValueError(f"{root}: empty model folder")
+    out = {}
+    per_file = {path: file_digests(path) for path in files}
+    for algorithm in ("sha256", "md5"):
+        text = "".join(f"{per_file[p][algorithm]}  {p.relative_to(root).as_posix()}\n" for p in files)
+        out[algorithm] = hashlib.new(algorithm, text.encode()).hexdigest()
+    return out
+
+
+def weights_digests(path: str | os.PathLike[str]) -> dict[str, str]:
+    """``{"sha256", "md5"}`` of a weights file, or of a model folder (:func:`tree_digests`)."""
+    from sbssl.download import file_digests
+
+    return tree_digests(path) if Path(path).is_dir() else file_digests(path)
 
 
 def _zoo_digests(weights: WeightsSpec) -> bool:
@@ -417,7 +568,7 @@ def fetch_weights(
     timeout: float = 60,
     progress: bool = True,
 ) -> Path:
-    """Download a model's checkpoint to ``dest_dir/<name>.pth`` and verify it (:func:`verify_weights`).
+    """Download a model's checkpoint to :func:`weights_path` and verify it (:func:`verify_weights`).
 
     - The zoo's URL must be the one in the weights lock ``lock_path`` (checked before any download).
     - A present file that verifies against the lock or the zoo's digests is returned at once: no network,
@@ -427,19 +578,26 @@ def fetch_weights(
       digests and the lock's sha256 before it replaces anything, so a present file that does not verify is
       replaced only by one that does.
     - The first successful fetch of a model records its full sha256 in the lock.
+    - A Hugging Face model is a folder: a hub snapshot (``hf://<owner>/<name>@<revision>``, downloaded with
+      ``huggingface_hub.snapshot_download`` at that revision; configs, safetensors and pickled weights only)
+      or a copy of a local folder (``file://``), fetched into a temporary folder beside the target, checked
+      (:func:`tree_digests`), then renamed into place.
     """
     from sbssl.download import HashMismatchError, download
 
     definition = _as_definition(model)
     weights = _require_weights(definition)
-    target, lock = Path(dest_dir) / f"{definition.name}.pth", Path(lock_path)
+    target, lock = weights_path(definition, dest_dir), Path(lock_path)
     entry = _checked_entry(definition, lock, read_weights_lock(lock).get(definition.name))
-    if target.is_file() and (entry is not None or _zoo_digests(weights)):
+    present = target.is_dir() if _is_folder(weights) else target.is_file()
+    if present and (entry is not None or _zoo_digests(weights)):
         try:
             _verify(definition, target, lock, downloaded=False)
             return target
         except HashMismatchError:
             pass  # downloaded below; the file is replaced only by one that verifies
+    if _is_folder(weights):
+        return _fetch_folder(definition, target, lock, entry)
     download(
         weights.url, target, sha256=weights.sha256 or (entry.sha256 if entry else None),
         sha256_prefix=weights.sha256_prefix, md5_prefix=weights.md5_prefix, retries=retries, timeout=timeout,
@@ -448,6 +606,50 @@ def fetch_weights(
     _verify(definition, target, lock, downloaded=True)
     return target
 
+
+#: Files of a hub snapshot that a model needs (no TensorFlow/Flax/ONNX copies of the weights).
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.bin", "*.npy", "*.txt", "*.model")
+
+
+def _fetch_folder(definition: ModelDefinition, target: Path, lock: Path, entry: LockedWeights | None) -> Path:
+    """Fetch a model folder (hub snapshot or local copy) beside ``target``, verify it, move it into place."""
+    from sbssl.download import HashMismatchError, digest_problems
+
+    weights = _require_weights(definition)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.fetching")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        hub = _HF_URL.match(weights.url)
+        if hub:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(
+                repo_id=hub.group("repo"), revision=hub.group("revision"), local_dir=staging,
+                allow_patterns=list(HUB_PATTERNS),
+            )  # fmt: skip
+        else:
+            source = Path(weights.url.removeprefix("file://"))
+            if not source.is_dir():
+                raise FileNotFoundError(f"model {definition.name!r}: {weights.url} is not a model folder")
+            shutil.copytree(source, staging)
+        digests = weights_digests(staging)
+        problems = digest_problems(
+            digests, sha256=weights.sha256 or (entry.sha256 if entry else None), sha256_prefix=weights.sha256_prefix,
+            md5_prefix=weights.md5_prefix,
+        )  # fmt: skip
+        if problems:
+            raise HashMismatchError(f"{weights.url}: not the model folder of {definition.name!r}: {'; '.join(problems)}")
+        old = target.with_name(f".{target.name}.replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _verify(definition, target, lock, downloaded=True)
+    return target
 
 def _strip(state: Mapping[str, Any], prefix: str, *, keep_others: bool) -> dict[str, Any]:
     """Keys starting with ``prefix`` without it; other keys kept as they are or dropped."""
@@ -489,11 +691,15 @@ def convert_checkpoint(obj: Any, fmt: str) -> dict[str, "torch.Tensor"]:
     - ``swav``: official SwAV, flat (or under ``'state_dict'``) ``module.*`` keys; ``projection_head.*`` and
       ``prototypes.*`` dropped.
 
+    - ``timm``, ``open_clip``: a state dict in the library's own key layout, flat or under ``'state_dict'``
+      (timm's training checkpoints; ``'state_dict_ema'`` and optimiser state are ignored).
+
     In every format a ``module.`` prefix left by DataParallel is removed. Non-tensor entries are an error.
+    (``huggingface`` weights are model folders, read by transformers itself.)
     """
     import torch
 
-    if fmt in ("mmselfsup", "openselfsup", "torchvision", "swav"):
+    if fmt in ("mmselfsup", "openselfsup", "torchvision", "swav", "timm", "open_clip"):
         state = obj["state_dict"] if isinstance(obj, Mapping) and "state_dict" in obj else obj
     elif fmt == "vissl":
         state = _get(obj, ("classy_state_dict", "base_model", "model", "trunk"), fmt)
@@ -542,8 +748,20 @@ _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 _MAX_INERT_GLOBALS = 64
 
 
+def _is_safetensors(file: Path) -> bool:
+    """True when the file's content is a safetensors file: an 8-byte little-endian header length, then JSON."""
+    with open(file, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") < file.stat().st_size
+
+
 def load_checkpoint(path: str | os.PathLike[str], fmt: str) -> dict[str, "torch.Tensor"]:
-    """``torch.load`` (CPU, ``weights_only=True``) then :func:`convert_checkpoint`; errors name the file.
+    """Read a checkpoint on the CPU, then :func:`convert_checkpoint`; errors name the file.
+
+    A safetensors file (recognised by content, whatever its name) is read with the safetensors library; any
+    other file with ``torch.load(..., weights_only=True)``.
 
     Published checkpoints carry training metadata besides the weights (MMSelfSup 1.x keeps mmengine's
     ``message_hub`` log buffers and numpy values). The weights_only unpickler refuses such classes; each
@@ -559,6 +777,20 @@ def load_checkpoint(path: str | os.PathLike[str], fmt: str) -> dict[str, "torch.
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {file} not found (fetch it with `sbssl fetch-weights`)")
+    if fmt not in FORMATS or fmt == "huggingface":
+        raise ValueError(f"{file}: cannot read format {fmt!r} as one file; expected one of {list(FORMATS[:-1])}")
+    if _is_safetensors(file):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(file, device="cpu")
+        except SafetensorError as exc:
+            raise ValueError(f"{file}: not a readable safetensors file ({exc}); delete it and fetch again") from exc
+        try:
+            return convert_checkpoint(obj, fmt)
+        except ValueError as exc:
+            raise ValueError(f"{file}: {exc}") from exc
     inert: list[tuple[Any, str]] = []
     while True:
         try:
@@ -586,58 +818,14 @@ def load_checkpoint(path: str | os.PathLike[str], fmt: str) -> dict[str, "torch.
 def build_model(
     model: ModelSpec | ModelDefinition, weights_path: str | os.PathLike[str] | None = None
 ) -> "torch.nn.Module":
-    """A torchvision ``resnet50`` in eval mode: seeded random init, or ``weights_path`` loaded strictly.
+    """A zoo model in eval mode on the CPU: seeded random init, or ``weights_path`` loaded strictly (the
+    module only; :func:`sbssl.backbones.build_backbone` also gives a model preset's transform).
 
-    Random models are torchvision's own init seeded with ``init_seed``; a classifier absent from a checkpoint
+    Random models are the library's own init seeded with ``init_seed``; a classifier absent from a checkpoint
     is initialised with seed 0. Both happen inside a forked RNG, leaving the caller's global torch RNG untouched.
     Missing or unexpected keys and shape mismatches raise ValueError listing the keys by name. The file is
     not hashed here: callers check it with :func:`verify_weights` (once per file version, cached).
     """
-    import torch
-    from torchvision.models import resnet50
+    from sbssl.backbones import build_backbone
 
-    spec = _as_definition(model)
-    if spec.architecture not in ARCHITECTURES:
-        raise ValueError(f"model {spec.name!r}: architecture {spec.architecture!r} is not supported")
-    if spec.weights is None:
-        if weights_path is not None:
-            raise ValueError(f"model {spec.name!r} is randomly initialised; do not pass weights ({weights_path})")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.init_seed if spec.init_seed is not None else 0)
-            return resnet50(weights=None).eval()
-    if weights_path is None:
-        raise ValueError(f"model {spec.name!r} needs its weights file (fetch it with `sbssl fetch-weights`)")
-    state = load_checkpoint(weights_path, spec.weights.format)
-    # Build without running the random init (slow, and overwritten anyway): allocate, then fill below.
-    with torch.device("meta"):
-        model = resnet50(weights=None)
-    model = model.to_empty(device="cpu")
-    expected = model.state_dict()
-    optional = {k for k in expected if k.startswith("fc.") or k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong_shape:
-        parts = [
-            f"{label} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-            if keys
-        ]
-        raise ValueError(
-            f"{weights_path}: does not match torchvision resnet50 as format {spec.weights.format!r} "
-            f"for model {spec.name!r}: " + "; ".join(parts)
-        )
-    # What the file may lack gets defined values: a seeded classifier (unused by the embeddings, but
-    # reproducible) and zeroed BatchNorm counters; the checkpoint then overwrites whatever it has.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model.fc.reset_parameters()
-    for name, buffer in model.named_buffers():
-        if name.endswith("num_batches_tracked"):
-            buffer.zero_()
-    model.load_state_dict(state, strict=False)  # strictness checked above, allowing only fc/counters absent
-    return model.eval()
+    return build_backbone(model, weights_path).module

@@ -493,7 +493,7 @@ def test_embedding_attrs_of_a_random_model():
 
     definition = ModelDefinition(name="random_9", architecture="resnet50", weights=None, init_seed=9)
     assert embedding_attrs(definition) == {
-        "model": "random_9", "architecture": "resnet50", "weights_sha256": "random-init-seed-9",
+        "model": "random_9", "source": "torchvision", "architecture": "resnet50", "weights_sha256": "random-init-seed-9",
     }  # fmt: skip
     with pytest.raises(ValueError, match="randomly initialised; do not pass weights"):
         embedding_attrs(definition, "x.pth")
