@@ -17,7 +17,7 @@ from snakemake.utils import validate
 
 from sbssl.catalogue import load_catalogue
 from sbssl.io import read_yaml
-from sbssl.layers import LAYERS
+from sbssl.layers import model_layer_slugs
 from sbssl.models import load_zoo, model_definition_dict
 from sbssl.provenance import code_digest
 from sbssl.stimuli import scan_fingerprint
@@ -49,15 +49,24 @@ _check_names("models", config["models"], ZOO, config["zoo"])
 _check_names("tests", config["tests"], CATALOGUE, config["catalogue"])
 _check_names("control.models", config["control"]["models"], ZOO, config["zoo"])
 _check_names("control.tests", config["control"]["tests"], CATALOGUE, config["catalogue"])
-_check_names("layers", config.get("layers", []), LAYERS, "sbssl.layers.LAYERS")
-_check_names("summary.heatmap_layer", [config["summary"]["heatmap_layer"]], LAYERS, "sbssl.layers.LAYERS")
-_check_names("summary.meta_test_layer", [config["summary"]["meta_test_layer"]], LAYERS, "sbssl.layers.LAYERS")
-
 MODELS = config["models"]
-LAYERS_RUN = [layer for layer in LAYERS if layer in config.get("layers", LAYERS)]
+CONTROL_MODELS = config["control"]["models"]
+# Each model's layers come from its zoo entry (or its architecture's default); the embedding job covers
+# all of them, and `layers:` (optional) selects the ones tested.
+MODEL_LAYERS = {m: model_layer_slugs(ZOO[m]) for m in dict.fromkeys(MODELS + CONTROL_MODELS)}
+ALL_LAYERS = list(dict.fromkeys(layer for layers in MODEL_LAYERS.values() for layer in layers))
+_check_names("layers", config.get("layers", []), ALL_LAYERS, "the models' layers")
+_check_names("summary.heatmap_layer", [config["summary"]["heatmap_layer"]], ALL_LAYERS, "the models' layers")
+_check_names("summary.meta_test_layer", [config["summary"]["meta_test_layer"]], ALL_LAYERS, "the models' layers")
+
+
+def tested_layers(model):
+    """The layers of ``model`` that are tested: all of them, or those `layers:` names."""
+    return [layer for layer in MODEL_LAYERS[model] if layer in config.get("layers", MODEL_LAYERS[model])]
+
+
 TESTS = config["tests"] or list(CATALOGUE)
 SEEDS = config["seeds"]
-CONTROL_MODELS = config["control"]["models"]
 CONTROL_TESTS = config["control"]["tests"] or TESTS
 MANIFEST = f"{R}/stimuli/manifest.csv"
 GENERATED_STIMULI = {"demo": f"{R}/stimuli/demo", "ieat": f"{R}/stimuli/ieat"}
@@ -70,7 +79,7 @@ WEIGHTS_LOCK = config["weights_lock"]
 
 wildcard_constraints:
     model=r"[a-z0-9_]+",
-    layer="|".join(LAYERS),
+    layer=r"[a-z0-9_]+",
     test=r"[a-z0-9_]+",
     seed=r"\d+",
 
@@ -161,24 +170,30 @@ def control_similarity_definition(wildcards):
 
 
 def embedding_outputs(prefix):
-    """One HDF5 file per layer of the model; temporary when the config drops raw embeddings."""
-    paths = [f"{prefix}/embeddings/{{model}}/{layer}.h5" for layer in LAYERS]
-    return paths if config["embedding"]["keep_embeddings"] else [temp(p) for p in paths]
+    """The folder of a model's embeddings, one HDF5 file per layer (a folder: models differ in their
+    layers); temporary when the config drops raw embeddings."""
+    folder = directory(f"{prefix}/embeddings/{{model}}")
+    return folder if config["embedding"]["keep_embeddings"] else temp(folder)
 
 
 def similarity_outputs(prefix):
-    """One similarity matrix per layer of the model, restored if a rerun of the job fails."""
-    return [update(f"{prefix}/similarity/{{model}}/{layer}.h5") for layer in LAYERS]
+    """The folder of a model's similarity matrices, one HDF5 file per layer, restored if a rerun fails."""
+    return update(directory(f"{prefix}/similarity/{{model}}"))
+
+
+def model_layer_list(wildcards):
+    """This job's model's layers (all of them: the embedding job covers every layer)."""
+    return MODEL_LAYERS[wildcards.model]
 
 
 def test_results(prefix, models, tests):
-    return expand(
-        f"{prefix}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
-        model=models,
-        layer=LAYERS_RUN,
-        test=tests,
-        seed=SEEDS,
-    )
+    return [
+        f"{prefix}/tests/{model}/{layer}/{test}/{seed}.json"
+        for model in models
+        for layer in tested_layers(model)
+        for test in tests
+        for seed in SEEDS
+    ]
 
 
 def all_outputs():

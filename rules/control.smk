@@ -10,7 +10,7 @@ use rule embed_layers as control_embed_layers with:
         definition=control_similarity_definition,
         model=model_definition,
         root=stimuli_param,
-        layers=LAYERS,
+        layers=model_layer_list,
         embedding=EMBEDDING_DEFINITION,
         weights_lock=WEIGHTS_LOCK,
         permutation=control_definition(),
@@ -22,7 +22,7 @@ use rule embed_layers as control_embed_layers with:
 
 use rule association_test as control_association_test with:
     input:
-        similarity=f"{C}/similarity/{{model}}/{{layer}}.h5",
+        similarity=f"{C}/similarity/{{model}}",
         manifest=MANIFEST,
     output:
         f"{C}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",

@@ -22,7 +22,7 @@ rule embed_layers:
         definition=similarity_definition,
         model=model_definition,
         root=stimuli_param,
-        layers=LAYERS,
+        layers=model_layer_list,
         embedding=EMBEDDING_DEFINITION,
         weights_lock=WEIGHTS_LOCK,
         permutation=None,

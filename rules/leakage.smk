@@ -8,7 +8,7 @@ P = config["probes"]
 
 rule layer_probes:
     input:
-        similarity=f"{R}/similarity/{{model}}/{{layer}}.h5",
+        similarity=f"{R}/similarity/{{model}}",
         manifest=MANIFEST,
     output:
         f"{R}/probes/{{model}}/{{layer}}.json",
@@ -31,7 +31,7 @@ rule layer_probes:
 
 rule probe_tables:
     input:
-        results=expand(f"{R}/probes/{{model}}/{{layer}}.json", model=MODELS, layer=LAYERS_RUN),
+        results=[f"{R}/probes/{m}/{layer}.json" for m in MODELS for layer in tested_layers(m)],
         counts=f"{R}/tables/counts.csv",
     output:
         leakage=report(f"{R}/tables/leakage.csv", caption="report/leakage.rst", category="Leakage"),

@@ -8,7 +8,7 @@
 
 rule association_test:
     input:
-        similarity=f"{R}/similarity/{{model}}/{{layer}}.h5",
+        similarity=f"{R}/similarity/{{model}}",
         manifest=MANIFEST,
     output:
         f"{R}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
@@ -27,7 +27,7 @@ rule association_test:
         from sbssl.runner import record_association_test
 
         record_association_test(
-            input.similarity, input.manifest, params.test, output[0], log[0],
+            f"{input.similarity}/{wildcards.layer}.h5", input.manifest, params.test, output[0], log[0],
             model=wildcards.model, layer=wildcards.layer, seed=int(wildcards.seed),
             permutations=params.permutations, alternative=params.alternative, **params.bootstrap,
         )  # fmt: skip

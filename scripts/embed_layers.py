@@ -26,7 +26,7 @@ with job_log(snakemake.log[0]):
         snakemake.input.weights or None,
         snakemake.input.manifest,
         snakemake.params.root,
-        dict(zip(snakemake.params.layers, snakemake.output.embeddings)),
+        {layer: f"{snakemake.output.embeddings}/{layer}.h5" for layer in snakemake.params.layers},
         lock_path=snakemake.params.weights_lock,
         layers=snakemake.params.layers,
         preprocessing=settings["preprocessing"],
@@ -38,6 +38,6 @@ with job_log(snakemake.log[0]):
         progress=False,
     )
     print(report)
-    for embeddings, similarity in zip(snakemake.output.embeddings, snakemake.output.similarity):
-        cosine_similarities(embeddings, similarity)
+    for layer in snakemake.params.layers:
+        similarity = cosine_similarities(f"{snakemake.output.embeddings}/{layer}.h5", f"{snakemake.output.similarity}/{layer}.h5")
         print(f"similarities: {similarity}")
