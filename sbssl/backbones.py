@@ -43,7 +43,7 @@ Default layers (:func:`default_layers`), by the structure of the skeleton's forw
 Relative depth (:func:`layer_depths`): how many of the network's leaf modules (modules without submodules, each
 counted once, in the order the forward pass finishes them) have run when the layer's module finishes, as a
 share of those run when the model's last default layer finishes; 0 = the input side, 1 = the last default
-layer (the global pool, the final norm).
+layer (the global pool, the final norm). For iEAT's ImageGPT layers: l / n_layer (the share of blocks run).
 
 Hook outputs (:func:`hook_tensor`): a tensor is taken as is; a tuple or list gives its first tensor (the
 hidden states of a transformer layer that also returns attention weights or caches); a ``ModelOutput`` (a
@@ -798,15 +798,13 @@ def layer_depths(
     """Relative depth in [0, 1] of each module path (see the module docstring)."""
     definition = _as_definition(model)
     layers, trace = _skeleton_trace(_architecture_only(definition), _config_dir(definition, config_dir))
-    if trace.kind == "imagegpt":
-        # hidden state l has run l of the n_layer blocks; the last default layer is 1
-        last = int(layers[-1].module.split(".")[1])
+    if trace.kind == "imagegpt":  # hidden state l has run l of the n_layer blocks
         out = {}
         for module in modules:
             match = re.fullmatch(r"hidden\.(\d+)", module)
             if not match:
                 raise ValueError(f"model {definition.name!r}: iEAT's ImageGPT layers are hidden.<l>, not {module!r}")
-            out[module] = min(1.0, int(match.group(1)) / last) if last else 1.0
+            out[module] = int(match.group(1)) / trace.depth
         return out
     end = trace.leaves_done[layers[-1].module] or 1
     unknown = [m for m in modules if m not in trace.leaves_done]

@@ -36,7 +36,8 @@ from sbssl.io import read_yaml, write_text_atomic
 if TYPE_CHECKING:  # torch is imported lazily: loading the zoo must stay cheap for the DAG and the figures
     import torch
 
-FAMILIES = ("geometric", "clustering", "contrastive", "supervised", "random")
+#: Pretext-task families, in figure order (masked_modeling: MAE, BEiT; autoregressive: iGPT).
+FAMILIES = ("geometric", "clustering", "contrastive", "masked_modeling", "autoregressive", "supervised", "random")
 META_GROUPS = ("contrastive", "non_contrastive")
 #: Model libraries (entries of sbssl.backbones.REGISTRY); ``torchvision`` when an entry names none.
 SOURCES = ("torchvision", "timm", "open_clip", "huggingface")

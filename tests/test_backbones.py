@@ -529,9 +529,36 @@ def test_random_igpt_gets_seeded_clusters_and_rejects_image_presets(tmp_path):
         build_backbone(spec, preprocessing="sbssl")
 
 
-def test_shipped_study_zoos_validate():
-    root = Path(__file__).resolve().parents[1] / "config"
-    for name in ("vit_study_models.yaml", "ieat_models_zoo.yaml"):
-        if (root / name).exists():
-            zoo = load_zoo(root / name)
-            assert zoo and all(spec.weights is not None for spec in zoo.values())
+STUDY_CONFIGS = {  # hub id fragment -> transformers config class of that checkpoint
+    "beit": "BeitConfig", "dino-vit": "ViTConfig", "vit-mae": "ViTMAEConfig", "vit-msn": "ViTMSNConfig",
+    "imagegpt": "ImageGPTConfig",
+}
+
+
+@pytest.mark.parametrize("zoo_file", ["vit_study_models.yaml", "ieat_models_zoo.yaml"])
+def test_study_zoos_name_modules_that_exist(zoo_file, tmp_path):
+    """Every layer of the study zoos is a module of the network this transformers version builds for that
+    checkpoint's config (a tiny config of the same class and depth, built on the meta device)."""
+    import transformers
+
+    from sbssl.backbones import _hf_make
+
+    zoo = load_zoo(Path(__file__).resolve().parents[1] / "config" / zoo_file)
+    assert zoo and all(spec.weights is not None and spec.weights.url.startswith("hf://") for spec in zoo.values())
+    for name, spec in zoo.items():
+        cls = next(c for fragment, c in STUDY_CONFIGS.items() if fragment in spec.architecture)
+        modules = [module for _, module in spec.layers]
+        indices = [int(m.split(".")[1]) for m in modules if m.startswith(("layers.", "hidden."))]
+        depth = max(indices) + (2 if cls == "ImageGPTConfig" else 1)
+        if cls == "ImageGPTConfig":
+            config = transformers.ImageGPTConfig(vocab_size=513, n_positions=64, n_embd=8, n_layer=depth, n_head=2)
+        else:
+            config = getattr(transformers, cls)(hidden_size=8, num_hidden_layers=depth, num_attention_heads=2,
+                                                intermediate_size=16, image_size=32, patch_size=16)  # fmt: skip
+        folder = tmp_path / name
+        config.save_pretrained(folder)
+        with torch.device("meta"):
+            network = _hf_make(replace(spec.definition, weights=None, init_seed=0), folder)
+        named = dict(network.named_modules())
+        assert all(m in named for m in modules), (name, [m for m in modules if m not in named])
+        assert [layer.depth for layer in model_layers(spec)] == sorted(layer.depth for layer in model_layers(spec))

@@ -254,7 +254,7 @@ def test_shipped_zoo() -> None:
     zoo = load_zoo(ZOO)
     ssl = ["rotation", "relative_loc", "jigsaw", "cluster_fit", "odc", "swav", "npid", "moco_v1", "moco_v2",
            "simclr", "byol"]
-    assert list(zoo) == ssl + ["supervised", "random_1", "random_2", "random_3"]
+    assert list(zoo) == ssl + ["supervised", "random_1", "random_2", "random_3", "vit_random"]
     groups = {name: spec.meta_group for name, spec in zoo.items() if spec.meta_group}
     assert groups == {
         **dict.fromkeys(["npid", "moco_v1", "moco_v2", "simclr", "byol"], "contrastive"),
@@ -269,9 +269,12 @@ def test_shipped_zoo() -> None:
     assert zoo["supervised"].weights == WeightsSpec(
         "https://download.pytorch.org/models/resnet50-0676ba61.pth", "torchvision", sha256_prefix="0676ba61"
     )
+    vit = zoo["vit_random"]
+    assert (vit.source, vit.architecture, vit.init_seed, vit.pooling, vit.layers) == (
+        "timm", "vit_tiny_patch16_224", 0, "tokens_mean", None)
     for name in ssl + ["supervised"]:
         spec = zoo[name]
-        assert spec.architecture == "resnet50" and spec.init_seed is None
+        assert spec.architecture == "resnet50" and spec.init_seed is None and spec.source == "torchvision"
         assert spec.imagenet_top1 is not None and 30 < spec.imagenet_top1 < 80
         w = spec.weights
         assert w is not None and w.url.startswith("https://")
@@ -287,11 +290,27 @@ def test_model_definition_round_trips_through_plain_params() -> None:
         params = model_definition_dict(spec)
         assert json.loads(json.dumps(params)) == params  # what Snakemake stores and compares
         assert model_definition_from_dict(name, params) == spec.definition
-        assert spec.definition == ModelDefinition(name, spec.architecture, spec.weights, spec.init_seed)
+        assert spec.definition == ModelDefinition(name, spec.architecture, spec.weights, spec.init_seed, spec.source,
+                                                  spec.layers, spec.pooling, spec.preprocessing)  # fmt: skip
     assert model_definition_dict(zoo["random_2"]) == {"architecture": "resnet50", "init_seed": 2}
     assert model_definition_dict(zoo["supervised"]) == {"architecture": "resnet50", "weights": {
         "url": "https://download.pytorch.org/models/resnet50-0676ba61.pth", "format": "torchvision",
         "sha256_prefix": "0676ba61"}}
+
+
+def test_schema_enums_are_the_module_constants() -> None:
+    from sbssl.models import FAMILIES, FORMATS, META_GROUPS, POOLINGS, PREPROCESSINGS, SOURCES, zoo_schema
+
+    defs = zoo_schema()["$defs"]
+    assert tuple(defs["model"]["properties"]["family"]["enum"]) == FAMILIES
+    assert [g for g in defs["model"]["properties"]["meta_group"]["enum"] if g] == list(META_GROUPS)
+    assert tuple(defs["source"]["enum"]) == SOURCES
+    assert tuple(defs["weights"]["properties"]["format"]["enum"]) == FORMATS
+    assert tuple(defs["pooling"]["enum"]) == POOLINGS
+    assert tuple(defs["preprocessing"]["enum"]) == PREPROCESSINGS
+    # the definition's keys are the same in both places
+    assert set(defs["definition"]["properties"]) == set(defs["model"]["properties"]) - {
+        "title", "family", "meta_group", "imagenet_top1"}
 
 
 def test_labels_are_not_part_of_the_definition() -> None:
