@@ -582,3 +582,79 @@ def test_end_to_end_real_stimuli_one_pass_then_nothing(shared_dir, tmp_path, cap
     assert main(args) == 0
     assert "all layers cached, nothing computed" in capsys.readouterr().out
     assert {f: f.stat().st_mtime_ns for f in files} == mtimes
+
+
+# --- slugs, module paths, model presets ---------------------------------------------------------------------
+
+
+def test_every_preprocessing_name_is_a_preset_or_a_model_preset():
+    from sbssl.backbones import MODEL_PREPROCESSING
+    from sbssl.models import PREPROCESSINGS
+
+    assert sorted([*PREPROCESSING, *MODEL_PREPROCESSING]) == sorted(PREPROCESSINGS)
+    assert not set(PREPROCESSING) & set(MODEL_PREPROCESSING)
+
+
+def test_a_slug_names_the_file_and_the_module_is_hooked(model, images, tmp_path):
+    layers = {"block2_3": "layer1.2", "gap": "avgpool"}
+    report = embed_layers(model, images, out_paths(tmp_path, layers), attrs=ATTRS, layers=layers, pooling="mean",
+                          batch_size=3, progress=False)  # fmt: skip
+    assert report.computed_layers == ("block2_3", "gap")
+    x = torch.stack([PREPROCESSING["sbssl"](load_image(p)) for _, p in images])
+    with torch.inference_mode():
+        h = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+    with h5py.File(tmp_path / "block2_3.h5") as f:
+        assert (f.attrs["layer"], f.attrs["module"]) == ("block2_3", "layer1.2")
+        np.testing.assert_allclose(f["embeddings"][()], h.mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-6)
+    # the module is part of the file's identity
+    with pytest.raises(ValueError, match=r"gap\.h5: cached embeddings have module='avgpool'.*asks for module='layer4'"):
+        embed_layers(model, images, out_paths(tmp_path, ["gap"]), attrs=ATTRS, layers={"gap": "layer4"},
+                     pooling="mean", progress=False)  # fmt: skip
+
+
+def test_model_presets_need_a_backbone(model, images, tmp_path):
+    with pytest.raises(ValueError, match="preprocessing 'model' is the model's own: pass a sbssl.backbones.Backbone"):
+        embed_layers(model, images, out_paths(tmp_path, ["avgpool"]), attrs=ATTRS, layers=["avgpool"],
+                     preprocessing="model", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"unknown preprocessing 'imagenet'; choose one of \['igpt', 'model', 'sbssl', 'standard'\]"):
+        embed_layers(model, images, out_paths(tmp_path, ["avgpool"]), attrs=ATTRS, layers=["avgpool"],
+                     preprocessing="imagenet", progress=False)  # fmt: skip
+
+
+def test_the_control_refuses_token_inputs(images, tmp_path):
+    from sbssl.backbones import Backbone
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 4)
+
+        def forward(self, ids):
+            return self.embed(ids)
+
+    backbone = Backbone(Tokens(), transform=lambda image: torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"pixel-permutation control needs \(C, H, W\) image inputs"):
+        embed_layers(backbone, images, {"e": tmp_path / "e.h5"}, attrs=ATTRS, layers={"e": "embed"},
+                     preprocessing="igpt", pooling="tokens_mean", permute={images[0][0]: 1}, progress=False)  # fmt: skip
+
+
+def test_embed_model_takes_the_entrys_layers_pooling_and_preprocessing(images, tmp_path):
+    from sbssl.models import ModelSpec
+
+    root = tmp_path / "stimuli"
+    (root / "cat" / "concept").mkdir(parents=True)
+    for _, path in images:
+        shutil.copy(path, root / "cat" / "concept" / path.name)
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(build_manifest(root), manifest)
+    spec = ModelSpec("vit_t", "ViT", "random", None, None, "vit_tiny_patch16_224", None, 1, source="timm",
+                     pooling="cls")  # fmt: skip
+    out = {"block6": tmp_path / "block6.h5"}
+    report = embed_model(spec, None, manifest, root, out, batch_size=2, progress=False)
+    assert report.computed_layers == ("block6",)
+    with h5py.File(out["block6"]) as f:
+        assert {k: f.attrs[k] for k in ("module", "pooling", "preprocessing", "source")} == {
+            "module": "blocks.5", "pooling": "cls", "preprocessing": "model", "source": "timm"}
+        assert f["embeddings"].shape == (3, 192)
+    with pytest.raises(ValueError, match=r"model 'vit_t' has no layer\(s\) \['layer4'\]; its layers: \['embed', 'block3'"):
+        embed_model(spec, None, manifest, root, {"layer4": tmp_path / "x.h5"}, progress=False)
