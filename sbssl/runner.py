@@ -114,13 +114,18 @@ _P_TOLERANCE = 1e-9
 RERUN_HINT = "delete it and rerun; snakemake reruns that job"
 
 
-def _file_key(path: str | os.PathLike[str], what: str) -> tuple[str, int, int, int]:
-    """Cache key that changes whenever the file is rewritten (an atomic rewrite is a new inode)."""
+_FileKey = tuple[str, int, int, int, int]
+
+
+def _file_key(path: str | os.PathLike[str], what: str) -> _FileKey:
+    """Cache key of a file version: (path as given, device, inode, mtime, size). It changes whenever the file
+    is rewritten (an atomic rewrite is a new inode); one ``stat``, as each system call is a point where a job
+    thread can lose the interpreter lock to the scheduler."""
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} not found; run the step that makes it first") from None
-    return (str(Path(path).resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return (os.fspath(path), stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 class _SimilarityCache:
@@ -129,10 +134,10 @@ class _SimilarityCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: collections.OrderedDict[tuple[str, int, int, int], SimilarityMatrix] = collections.OrderedDict()
+        self._items: collections.OrderedDict[_FileKey, SimilarityMatrix] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, int, int, int]) -> SimilarityMatrix:
+    def get(self, key: _FileKey) -> SimilarityMatrix:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -160,12 +165,12 @@ _SIMILARITY = _SimilarityCache(SIMILARITY_CACHE_BYTES)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_manifest(key: tuple[str, int, int, int]) -> pd.DataFrame:
+def _cached_manifest(key: _FileKey) -> pd.DataFrame:
     return read_manifest(key[0])
 
 
 @functools.lru_cache(maxsize=1024)
-def _cached_concept_images(manifest_key: tuple[str, int, int, int], concept: str) -> tuple[str, ...]:
+def _cached_concept_images(manifest_key: _FileKey, concept: str) -> tuple[str, ...]:
     # A concept is looked up by every model, layer, test and seed that uses it: once per manifest here.
     return tuple(concept_images(_cached_manifest(manifest_key), concept))
 
@@ -324,9 +329,33 @@ def record_association_test(
         raise
     write_json_atomic(out_path, row)
     d = "undefined" if row["d"] is None else f"{row['d']:.6g}"
-    write_text_atomic(
+    _write_log(
         log_path,
         f"{row['model']} {row['layer']} {row['test']} seed={row['seed']}: d={d} p={row['p']:.6g} "
         f"exact={row['exact']} n_permutations={row['n_permutations']} flags={row['flags'] or '-'}\n",
     )
     return row
+
+
+@functools.cache
+def single_threaded_blas() -> None:
+    """Run this process's BLAS on one thread from now on (threadpoolctl); the workflow's test jobs call it
+    (it acts once per process).
+
+    Those jobs are threads of the Snakemake process and their matrix products are tiny: idle BLAS threads
+    spinning beside the scheduler made the permutation stage about a third slower (benchmarks/bench_dag.py).
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
+def _write_log(path: str | os.PathLike[str], text: str) -> None:
+    """A job's one-line log, written directly: no job reads it, and an atomic write costs about seven more
+    system calls, each a point where the job thread can lose the interpreter lock to the scheduler."""
+    log = Path(path)
+    try:
+        log.write_text(text, encoding="utf-8")
+    except FileNotFoundError:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(text, encoding="utf-8")
