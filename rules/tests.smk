@@ -24,8 +24,9 @@ rule association_test:
     log:
         f"{R}/logs/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.log",
     run:
-        from sbssl.runner import record_association_test
+        from sbssl.runner import record_association_test, single_threaded_blas
 
+        single_threaded_blas()  # these jobs are threads of Snakemake: BLAS threads would only spin
         record_association_test(
             f"{input.similarity}/{wildcards.layer}.h5", input.manifest, params.test, output[0], log[0],
             model=wildcards.model, layer=wildcards.layer, seed=int(wildcards.seed),
