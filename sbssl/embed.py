@@ -417,8 +417,12 @@ def _extract(
                              f"{tensor.dtype} (model {model_name})")  # fmt: skip
         return permute_positions(tensor, sha, permute[sha])
 
+    cuda = device.type == "cuda"
+
     def load(chunk: Sequence[tuple[str, str | os.PathLike[str]]]) -> torch.Tensor:
-        return torch.stack([prepare(sha, path) for sha, path in chunk])
+        batch = torch.stack([prepare(sha, path) for sha, path in chunk])
+        # Page-locked memory: the copy to the GPU then runs asynchronously (non_blocking below).
+        return batch.pin_memory() if cuda else batch
 
     def write(b0: int, rows: Mapping[str, np.ndarray]) -> None:
         for layer, values in rows.items():
@@ -441,31 +445,68 @@ def _extract(
         # (PIL, OpenCV, torch and LZF release the GIL); at most one batch waits in each, so memory stays flat.
         loader = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbssl-load"))
         writer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbssl-write"))
+        # On CUDA the captured layers go to the host on a stream of their own, into two alternating sets of
+        # page-locked buffers, while the GPU computes the next batch; the batch is checked and handed to the
+        # writer once its copy is done. On the CPU the layers are host tensors already.
+        copier = torch.cuda.Stream(device) if cuda else None
+        host: list[dict[str, torch.Tensor]] = [{}, {}]
+        flags: list[torch.Tensor] = [torch.empty(len(outputs), dtype=torch.bool, pin_memory=True) for _ in host] if cuda else []
+
+        def start_copy(k: int, chunk: Sequence[tuple[str, Any]]) -> tuple:
+            values = dict(captured)
+            captured.clear()
+            # A row sum is non-finite exactly when the row holds inf/nan (float32 sums cannot overflow from
+            # float16 values), and it is far cheaper than an element-wise check.
+            finite = torch.stack([torch.isfinite(v.sum(dim=1, dtype=torch.float32)).all() for v in values.values()])
+            if not cuda:
+                return k, chunk, values, finite, None
+            slot = host[k % 2]
+            copier.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(copier):
+                for layer, v in values.items():
+                    if layer not in slot:
+                        slot[layer] = torch.empty((batch_size, v.shape[1]), dtype=v.dtype, pin_memory=True)
+                    slot[layer][: len(v)].copy_(v, non_blocking=True)
+                flags[k % 2].copy_(finite, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(copier)
+            return k, chunk, values, flags[k % 2], done  # values stay referenced until the copy is done
+
+        def finish(k: int, chunk: Sequence[tuple[str, Any]], values: dict, finite: torch.Tensor, done: Any):
+            if done is not None:
+                done.synchronize()
+            for layer, ok in zip(values, finite.tolist()):
+                if not ok:
+                    raise ValueError(
+                        f"non-finite {layer} embeddings for images {[sha for sha, _ in chunk]} (model "
+                        f"{model_name}, dtype {dtype}); use dtype float32 if float16 overflowed"
+                    )
+            rows = {layer: (host[k % 2][layer][: len(v)] if cuda else v).numpy() for layer, v in values.items()}
+            return writer.submit(write, k * batch_size, rows)
+
         next_batch = loader.submit(load, batches[0])
-        written = None
+        written = pending = None
         with torch.inference_mode(), _full_float32():
             for k, chunk in enumerate(batches):
                 batch = next_batch.result()
                 if k + 1 < len(batches):
                     next_batch = loader.submit(load, batches[k + 1])
                 captured.clear()
-                model(batch.to(device))
-                rows = {}
-                for layer in outputs:
-                    values = captured[layer]
-                    # A row sum is non-finite exactly when the row holds inf/nan (float32 sums cannot overflow
-                    # from float16 values), and it is far cheaper than an element-wise check.
-                    if not bool(torch.isfinite(values.sum(dim=1, dtype=torch.float32)).all()):
-                        raise ValueError(
-                            f"non-finite {layer} embeddings for images {[sha for sha, _ in chunk]} (model "
-                            f"{model_name}, dtype {dtype}); use dtype float32 if float16 overflowed"
-                        )
-                    rows[layer] = values.cpu().numpy()
-                captured.clear()
+                model(batch.to(device, non_blocking=True))
+                if written is not None:
+                    written.result()  # CUDA: the write of batch k - 2 is done, so its host buffers are free
+                current = start_copy(k, chunk)
+                if cuda:  # the previous batch is finished while this one computes
+                    if pending is not None:
+                        written = finish(*pending)
+                    pending = current
+                else:
+                    written = finish(*current)
+                bar.update(len(chunk))
+            if pending is not None:
                 if written is not None:
                     written.result()
-                written = writer.submit(write, k * batch_size, rows)
-                bar.update(len(chunk))
+                written = finish(*pending)
         written.result()
     return len(batches)
 
