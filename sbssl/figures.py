@@ -296,6 +296,70 @@ def plot_strength(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -
     return fig, caption
 
 
+def _layer_info(zoo: Mapping[str, Any] | None, model: str) -> dict[str, Any]:
+    """slug -> :class:`sbssl.layers.LayerInfo` of a zoo model; the paper's ResNet-50 layers for anything else
+    (published rows, the random-model mean)."""
+    from sbssl.layers import LAYER_TITLES, RESNET50_DEPTHS, LayerInfo, model_layers
+    from sbssl.models import ModelSpec
+
+    spec = None if zoo is None else zoo.get(model)
+    if isinstance(spec, ModelSpec):
+        return {layer.slug: layer for layer in model_layers(spec)}
+    return {slug: LayerInfo(slug, slug, LAYER_TITLES[slug], depth) for slug, depth in RESNET50_DEPTHS.items()}
+
+
+def depth_data(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """What the depth figure draws: per figure model and layer, its relative depth (0 = input side, 1 = the
+    model's last layer; :func:`sbssl.layers.model_layers`), the number of tests with p < :data:`STRONG_P` and
+    their cumulative strength (sum of d), so that models of different depth share one axis.
+
+    Columns model, title, family, layer, layer_title, depth, n_biases, strength; rows by model (summary order)
+    then depth. Excluded rows are left out of the counts. A layer the model does not list is an error.
+    """
+    study_alternative(summary)
+    info = figure_model_labels(summary, zoo)
+    kept = included(summary)
+    strong = kept[kept["model"].isin(info.index) & (kept["p"] < STRONG_P)]
+    rows = []
+    for model in info.index:
+        layers = _layer_info(zoo, model)
+        for layer in dict.fromkeys(summary.loc[summary["model"] == model, "layer"]):
+            if layer not in layers:
+                raise ValueError(f"depth figure: model {model!r} has no layer {layer!r}; its layers: {list(layers)}")
+            hits = strong[(strong["model"] == model) & (strong["layer"] == layer)]
+            rows.append({
+                "model": model, "title": info.at[model, "title"], "family": info.at[model, "family"],
+                "layer": layer, "layer_title": layers[layer].title, "depth": layers[layer].depth,
+                "n_biases": len(hits), "strength": float(hits["d"].sum()),
+            })  # fmt: skip
+    columns = ["model", "title", "family", "layer", "layer_title", "depth", "n_biases", "strength"]
+    data = pd.DataFrame(rows, columns=columns)
+    order = {model: i for i, model in enumerate(info.index)}
+    return data.sort_values(["model", "depth"], key=lambda c: c.map(order) if c.name == "model" else c,
+                            kind="stable").reset_index(drop=True)  # fmt: skip
+
+
+def plot_bias_by_depth(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> tuple[Figure, str]:
+    """Number of biases (p < :data:`STRONG_P`) against the relative depth of each layer, one line per model."""
+    data = depth_data(summary, zoo)
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for model, rows in data.groupby("model", sort=False):
+        ax.plot(rows["depth"], rows["n_biases"], marker="o", label=rows["title"].iloc[0])
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_xlabel("relative depth of the layer (0 = input side, 1 = last layer)")
+    ax.set_ylabel(f"number of biases (p < {STRONG_P})")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(loc="outside right center", fontsize="small")
+    caption = (
+        f"Number of tests with seed-averaged p < {STRONG_P} at each layer, against the layer's relative depth "
+        "(the share of the network's modules run up to it; 0 = input side, 1 = the model's last layer), one "
+        "line per model, so that models of different depth (ResNets, Vision Transformers) share one axis."
+        + _study_note(summary, list(dict.fromkeys(data["model"])))
+    )
+    return fig, caption
+
+
 def _mark(p: float) -> str:
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else ""
 
@@ -375,11 +439,13 @@ def write_figures(
     *,
     heatmap_layer: str = "avgpool",
     intersectional_layer: str = "avgpool",
+    depth_figure: bool = False,
 ) -> dict[str, FigureFiles]:
     """Write every figure to ``out_dir`` as ``<name>.png``, ``<name>.pdf`` and ``<name>.rst`` (caption).
 
     Names: bias_counts (Figure 3), intersectional (Figure 4, at ``intersectional_layer``), strength
-    (Figure 5), heatmap_<heatmap_layer>. A summary mixing alternatives is refused before anything is written.
+    (Figure 5), heatmap_<heatmap_layer>, and with ``depth_figure`` bias_by_depth
+    (:func:`plot_bias_by_depth`). A summary mixing alternatives is refused before anything is written.
     """
     study_alternative(summary)
     out = Path(out_dir)
@@ -389,4 +455,6 @@ def write_figures(
         "strength": plot_strength(summary, zoo),
         f"heatmap_{heatmap_layer}": plot_effect_heatmap(summary, zoo, layer=heatmap_layer),
     }
+    if depth_figure:
+        figures["bias_by_depth"] = plot_bias_by_depth(summary, zoo)
     return {name: save_figure(fig, caption, out, name) for name, (fig, caption) in figures.items()}

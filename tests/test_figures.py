@@ -154,3 +154,35 @@ def test_figures_follow_the_alternative_and_refuse_a_mix(tmp_path):
     with pytest.raises(ValueError, match="mixes alternatives"):
         write_figures(summarize(mixed, ZOO), ZOO, tmp_path)
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_depth_figure_puts_models_of_different_depth_on_one_axis(summary, tmp_path):
+    from sbssl.figures import depth_data, plot_bias_by_depth
+    from sbssl.layers import RESNET50_DEPTHS
+    from sbssl.models import LayerLabel
+
+    # a ViT whose two layers are named by slugs of its own, beside the ResNets of the summary
+    vit = ModelSpec("vit", "VIT", "contrastive", None, None, "vit_tiny_patch16_224", None, 0, source="timm",
+                    layers=(("block6", "blocks.5"), ("final", "norm")),
+                    layer_labels={"block6": LayerLabel("Block 6", 0.5), "final": LayerLabel("Final norm", 1.0)})
+    rows = _tests()
+    rows = pd.concat([rows, rows[rows["model"] == "con"].assign(
+        model="vit", layer=lambda r: r["layer"].map({"layer4": "block6", "avgpool": "final"}))])
+    zoo = {**ZOO, "vit": vit}
+    table = summarize(rows, zoo)
+    data = depth_data(table, zoo)
+    assert list(data.columns) == ["model", "title", "family", "layer", "layer_title", "depth", "n_biases", "strength"]
+    by = data.set_index(["model", "layer"])
+    assert by.loc[("geo", "layer4"), "depth"] == RESNET50_DEPTHS["layer4"] and by.loc[("geo", "avgpool"), "depth"] == 1.0
+    assert (by.loc[("vit", "block6"), "depth"], by.loc[("vit", "block6"), "layer_title"]) == (0.5, "Block 6")
+    # the counts are Figure 5's
+    strength = strength_data(table, zoo).set_index(["model", "layer"])
+    for key, row in by.iterrows():
+        assert row["n_biases"] == strength.loc[key, "n_biases"]
+    assert by.loc[("vit", "final"), "n_biases"] == by.loc[("con", "avgpool"), "n_biases"] == 3
+    fig, caption = plot_bias_by_depth(table, zoo)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["VIT"].get_xdata()) == [0.5, 1.0] and "relative depth" in caption
+    files = write_figures(table, zoo, tmp_path, heatmap_layer="avgpool", intersectional_layer="avgpool",
+                          depth_figure=True)
+    assert files["bias_by_depth"].png.is_file()
