@@ -329,25 +329,21 @@ def _load_state(
         return model.eval()
     model = skeleton
     model.load_state_dict(typed, strict=False, assign=True)
-    # What the file may lack (the classifier, BatchNorm counters) is still on the meta device: define it.
+    # What the file may lack is still on the meta device: BatchNorm counters (zero; unused in eval mode) and
+    # whole classifier modules (their own init under seed 0).
     for name, module in model.named_modules():
-        own = [t for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)) if t.is_meta]
-        if not own:
+        for key, buffer in list(module.named_buffers(recurse=False)):
+            if key == "num_batches_tracked" and buffer.is_meta:
+                module.register_buffer(key, torch.zeros((), dtype=torch.long))
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if not any(t.is_meta for t in own):
             continue
+        if not all(t.is_meta for t in own) or not hasattr(module, "reset_parameters"):
+            raise ValueError(f"{path}: model {definition.name!r}: the checkpoint gives only part of module {name!r}")
         module.to_empty(device="cpu", recurse=False)
-        if hasattr(module, "reset_parameters"):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                module.reset_parameters()
-        for key, buffer in module.named_buffers(recurse=False):
-            if key == "num_batches_tracked":
-                buffer.zero_()
-        leftover = [n for n, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
-                    if not t.is_meta and f"{name}.{n}".lstrip(".") not in typed and n != "num_batches_tracked"
-                    and not hasattr(module, "reset_parameters")]
-        if leftover:
-            raise ValueError(f"{path}: model {definition.name!r}: no value for {name}.{leftover[0]} in the checkpoint")
-    _zero_counters(model, typed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module.reset_parameters()
     return model.eval()
 
 

@@ -178,13 +178,17 @@ def zoo_schema() -> dict[str, Any]:
     return read_yaml(ZOO_SCHEMA, "zoo schema")
 
 
-def _schema_check(where: str | os.PathLike[str], name: str, raw: Any, kind: str) -> None:
-    """Validate one entry against ``$defs.<kind>`` of the zoo schema; the first error names the model and key."""
+@functools.lru_cache(maxsize=4)
+def _validator(kind: str) -> Any:
     import jsonschema
 
     schema = zoo_schema()
-    validator = jsonschema.Draft202012Validator({**schema["$defs"][kind], "$defs": schema["$defs"]})
-    error = next(iter(validator.iter_errors(raw)), None)
+    return jsonschema.Draft202012Validator({**schema["$defs"][kind], "$defs": schema["$defs"]})
+
+
+def _schema_check(where: str | os.PathLike[str], name: str, raw: Any, kind: str) -> None:
+    """Validate one entry against ``$defs.<kind>`` of the zoo schema; the first error names the model and key."""
+    error = next(iter(_validator(kind).iter_errors(raw)), None)
     if error is None:
         return
     key = ".".join(str(p) for p in error.absolute_path)

@@ -181,11 +181,16 @@ def test_missing_unexpected_and_misshaped_keys_are_named(original: dict[str, tor
 
 
 def test_missing_batchnorm_counters_are_allowed(original: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    old_style = {k: v for k, v in original.items() if not k.endswith("num_batches_tracked")}
+    # trained-looking statistics: a BatchNorm without its counter keeps every loaded value
+    rng = torch.Generator().manual_seed(0)
+    old_style = {k: v + torch.rand(v.shape, generator=rng) if k.endswith(("running_var", "running_mean", "bn1.weight"))
+                 else v for k, v in original.items() if not k.endswith("num_batches_tracked")}  # fmt: skip
     path = tmp_path / "old.pth"
     torch.save(old_style, path)
     loaded = build_model(_tv_spec(path), path).state_dict()
-    assert torch.equal(loaded["layer1.0.bn1.running_var"], original["layer1.0.bn1.running_var"])
+    for key in ("layer1.0.bn1.running_var", "layer1.0.bn1.running_mean", "layer1.0.bn1.weight", "bn1.bias"):
+        assert torch.equal(loaded[key], old_style[key]), key
+    assert int(loaded["layer1.0.bn1.num_batches_tracked"]) == 0
 
 
 class _Exploit:
