@@ -23,12 +23,12 @@ def test_slug_titles():
 
 
 def test_paper_layers_need_no_torch():
-    # the DAG and the figures list the paper's models' layers without importing torch or any model library
+    # the DAG lists every shipped model's layers, and the figures the paper's titles and depths, without torch
     code = (
         "import sys; from sbssl.models import load_zoo; from sbssl.layers import model_layers, model_layer_slugs\n"
         f"zoo = load_zoo({str(REPO / 'config' / 'models.yaml')!r})\n"
         "rows = [model_layers(s) for s in zoo.values() if s.architecture == 'resnet50']\n"
-        "assert all(model_layer_slugs(s) for s in zoo.values() if s.architecture == 'resnet50')\n"
+        "assert model_layer_slugs(zoo['vit_random'])[:2] == ['embed', 'block3']\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "print(len(rows), [r.title for r in rows[0]])"
     )
