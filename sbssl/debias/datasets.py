@@ -232,7 +232,7 @@ def load_waterbirds(root: str | os.PathLike[str], *, image_size: int = 224) -> D
     if missing:
         raise ValueError(f"{meta_path}: missing columns {missing} (expected GroupDRO's metadata.csv)")
     for column, allowed in (("y", {0, 1}), ("place", {0, 1}), ("split", {0, 1, 2})):
-        bad = sorted(set(meta[column].unique()) - allowed)
+        bad = sorted(set(meta[column].unique().tolist()) - allowed)
         if bad:
             raise ValueError(f"{meta_path}: column {column!r} has values {bad[:5]}; expected {sorted(allowed)}")
     transform = image_transform("waterbirds", image_size)
