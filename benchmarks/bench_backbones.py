@@ -175,7 +175,8 @@ def main() -> None:
     bare_ips, full_ips = n / figures["bare_s"], n / figures["full_s"]
     print(f"model               : {args.source} {args.architecture} ({args.weights} weights, built in "
           f"{figures['build_s']:.1f} s), input {figures['shape']}, {figures['preprocessing']} preprocessing")
-    print(f"layers              : {', '.join(f'{k}={v}' for k, v in figures['layers'].items())}; {figures['pooling']}, float32, LZF")
+    layers = ", ".join(f"{k}={v}" for k, v in figures["layers"].items())
+    print(f"layers              : {layers}; {figures['pooling']}, float32, LZF")
     print(f"setup               : {n} generated images, batch {args.batch_size}, {args.threads} torch threads, "
           f"device {figures['device']}")
     print(f"bare forward        : {bare_ips:7.3f} img/s")

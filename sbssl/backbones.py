@@ -85,12 +85,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from sbssl.models import (
-    DEFAULT_SOURCE,
-    ModelDefinition,
-    ModelSpec,
-    load_checkpoint,
-)
+from sbssl.models import ModelDefinition, ModelSpec, load_checkpoint
 
 #: Preprocessing presets that need the built model (its library's transform, iEAT's iGPT tokens).
 MODEL_PREPROCESSING = ("model", "igpt")
@@ -176,7 +171,7 @@ def pool_output(output: torch.Tensor, pooling: str, layer: str = "?") -> torch.T
             return output[:, 0]
         if pooling == "patch_mean":
             if output.shape[1] < 2:
-                raise ValueError(f"layer {layer}: patch_mean needs a class token and patches, got {output.shape[1]} token")
+                raise ValueError(f"layer {layer}: patch_mean needs a class token and patches, got 1 token")
             return output[:, 1:].mean(dim=1)
         return output.mean(dim=1)
     raise ValueError(f"unknown pooling {pooling!r}")
@@ -297,7 +292,8 @@ def _load_state(
     expected = skeleton.state_dict()
     allowed = tuple(optional)
     missing = sorted(
-        k for k in set(expected) - set(state) if not (k.startswith(allowed) and allowed) and not k.endswith("num_batches_tracked")
+        k for k in set(expected) - set(state)
+        if not (allowed and k.startswith(allowed)) and not k.endswith("num_batches_tracked")
     )
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(
@@ -401,6 +397,10 @@ def _torchvision_transform(_definition: ModelDefinition, _module: nn.Module, _fo
     from sbssl.embed import PREPROCESSING
 
     return PREPROCESSING["standard"]
+
+
+def _torchvision_example(_definition: ModelDefinition, _module: nn.Module) -> torch.Tensor:
+    return _image_example(224)
 
 
 def _timm_make(definition: ModelDefinition, _folder: Path | None) -> nn.Module:
@@ -547,7 +547,7 @@ def _hf_example(_definition: ModelDefinition, module: nn.Module) -> torch.Tensor
 
 #: source -> its registry entry. A new library is one entry here (and its name in sbssl.models.SOURCES).
 REGISTRY: dict[str, Source] = {
-    "torchvision": Source(_torchvision_make, _torchvision_load, _torchvision_transform, lambda d, m: _image_example(224)),
+    "torchvision": Source(_torchvision_make, _torchvision_load, _torchvision_transform, _torchvision_example),
     "timm": Source(_timm_make, _timm_load, _timm_transform, _timm_example),
     "open_clip": Source(_open_clip_make, _open_clip_load, _open_clip_transform, _open_clip_example),
     "huggingface": Source(_hf_make, _hf_load, _hf_transform, _hf_example),
@@ -558,7 +558,8 @@ def _source(definition: ModelDefinition) -> Source:
     try:
         return REGISTRY[definition.source]
     except KeyError:
-        raise ValueError(f"model {definition.name!r}: unknown source {definition.source!r}; known: {sorted(REGISTRY)}") from None
+        known = sorted(REGISTRY)
+        raise ValueError(f"model {definition.name!r}: unknown source {definition.source!r}; known: {known}") from None
 
 
 def _as_definition(model: ModelSpec | ModelDefinition) -> ModelDefinition:
@@ -777,7 +778,9 @@ def _cnn_layers(trace: _Trace) -> tuple[DefaultLayer, ...]:
     return tuple(layers)
 
 
-def default_layers(model: ModelSpec | ModelDefinition, config_dir: str | Path | None = None) -> tuple[DefaultLayer, ...]:
+def default_layers(
+    model: ModelSpec | ModelDefinition, config_dir: str | Path | None = None
+) -> tuple[DefaultLayer, ...]:
     """The default layers of a zoo model's architecture (see the module docstring), in forward order.
 
     config_dir: where a Hugging Face model's config is (its fetched weights folder); defaults to the

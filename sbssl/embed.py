@@ -7,8 +7,8 @@ previous one compressed in threads while the model computes. Each hook pools/fla
 output at once: a module's output may be modified in place later in the forward pass (the residual add and
 ReLU after ``layer1.0.bn3``), and the full map is freed as soon as the forward moves on.
 
-Memory is bounded by the model's parameters, one batch of activations and the pooled rows of at most three
-batches (one being computed, one being written, and with the next being decoded): a full map is reduced and
+Memory is bounded by the model's parameters, one batch of activations and the pooled rows of a few batches
+(being computed, copied and written while the next is decoded): a full map is reduced and
 copied in its hook and freed as the forward pass moves on, and rows go to disk batch by batch. A ViT-L/14 at
 224 px (257 x 1024 floats per image and layer, six layers, flatten) peaks at 2.6 GB RSS with batches of 16 on
 the CPU: 0.8 GB for Python, torch and the libraries, 1.2 GB of float32 weights, the rest one batch

@@ -520,7 +520,8 @@ def _tree_files(folder: Path) -> list[Path]:
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
-        if path.name.endswith(".digest.json") and digest_cache_path(path.with_name(path.name[: -len(".digest.json")])) == path:
+        source = path.with_name(path.name.removesuffix(".digest.json"))
+        if path.name.endswith(".digest.json") and digest_cache_path(source) == path:
             continue
         files.append(path)
     return files
@@ -644,7 +645,9 @@ def _fetch_folder(definition: ModelDefinition, target: Path, lock: Path, entry: 
             md5_prefix=weights.md5_prefix,
         )  # fmt: skip
         if problems:
-            raise HashMismatchError(f"{weights.url}: not the model folder of {definition.name!r}: {'; '.join(problems)}")
+            raise HashMismatchError(
+                f"{weights.url}: not the model folder of {definition.name!r}: {'; '.join(problems)}"
+            )
         old = target.with_name(f".{target.name}.replaced")
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():

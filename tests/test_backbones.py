@@ -30,7 +30,6 @@ from sbssl.backbones import (
 from sbssl.embed import embed_model
 from sbssl.layers import LAYERS, RESNET50_DEPTHS, model_layers, model_layer_slugs
 from sbssl.models import (
-    ModelDefinition,
     ModelSpec,
     WeightsSpec,
     fetch_weights,

@@ -48,8 +48,8 @@ def test_paper_resnet_layers():
 
 def test_listed_layers_take_the_entry_labels_then_the_defaults():
     labels = {"last": LayerLabel(title="Last token map", depth=None), "mid": LayerLabel(title=None, depth=0.4)}
-    spec = _spec("timm", "vit_tiny_patch16_224", layers=(("mid", "blocks.5"), ("last", "norm"), ("qkv", "blocks.0.attn.qkv")),
-                 labels=labels)  # fmt: skip
+    layers = (("mid", "blocks.5"), ("last", "norm"), ("qkv", "blocks.0.attn.qkv"))
+    spec = _spec("timm", "vit_tiny_patch16_224", layers=layers, labels=labels)
     assert model_layer_slugs(spec) == ["mid", "last", "qkv"]
     rows = {layer.slug: layer for layer in model_layers(spec)}
     assert (rows["mid"].title, rows["mid"].depth) == ("Block 6", 0.4)  # default title of blocks.5, entry's depth

@@ -275,7 +275,8 @@ def test_shipped_zoo() -> None:
         "https://download.pytorch.org/models/resnet50-0676ba61.pth", "torchvision", sha256_prefix="0676ba61"
     )
     vit = zoo["vit_random"]
-    assert (vit.source, vit.architecture, vit.init_seed, vit.pooling) == ("timm", "vit_tiny_patch16_224", 0, "tokens_mean")
+    assert (vit.source, vit.architecture, vit.init_seed) == ("timm", "vit_tiny_patch16_224", 0)
+    assert vit.pooling == "tokens_mean"
     from sbssl.backbones import default_layers
 
     assert list(vit.layers) == [(d.slug, d.module) for d in default_layers(vit)]  # listed as the defaults
