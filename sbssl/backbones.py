@@ -92,8 +92,6 @@ MODEL_PREPROCESSING = ("model", "igpt")
 #: The six ResNet layers, as torchvision module names (the paper's blocks 1-5 and GAP).
 RESNET_LAYERS = ("maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
 
-_log = logging.getLogger(__name__)
-
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
@@ -438,7 +436,8 @@ def _open_clip_make(definition: ModelDefinition, _folder: Path | None) -> nn.Mod
     import open_clip
 
     device = torch.get_default_device()
-    logging.getLogger().disabled, was = True, logging.getLogger().disabled  # "no pretrained weights" warning
+    root = logging.getLogger()  # open_clip warns on the root logger that no pretrained weights were loaded
+    was, root.disabled = root.disabled, True
     try:
         model = open_clip.create_model(definition.architecture, pretrained=None, device=device)
     except RuntimeError as exc:
@@ -446,7 +445,7 @@ def _open_clip_make(definition: ModelDefinition, _folder: Path | None) -> nn.Mod
             raise ValueError(f"model {definition.name!r}: open_clip has no model {definition.architecture!r}") from None
         raise
     finally:
-        logging.getLogger().disabled = was
+        root.disabled = was
     visual = model.visual
     transformer = getattr(visual, "transformer", None)
     if transformer is not None and getattr(transformer, "batch_first", True) is False:
