@@ -18,7 +18,7 @@ from snakemake.utils import validate
 from sbssl.catalogue import load_catalogue
 from sbssl.io import read_yaml
 from sbssl.layers import model_layer_slugs
-from sbssl.models import load_zoo, model_definition_dict
+from sbssl.models import load_zoo, model_definition_dict, weights_path
 from sbssl.provenance import code_digest
 from sbssl.stimuli import scan_fingerprint
 
@@ -118,8 +118,23 @@ def model_definition(wildcards):
 
 
 def weights_input(wildcards):
-    """The downloaded checkpoint of a pretrained model; random initialisations need none."""
-    return [] if ZOO[wildcards.model].weights is None else f"pretrains/{wildcards.model}.pth"
+    """The downloaded checkpoint of a pretrained model (a file, or a folder for Hugging Face models);
+    random initialisations need none."""
+    spec = ZOO[wildcards.model]
+    return [] if spec.weights is None else str(weights_path(spec, "pretrains"))
+
+
+def weights_definition(wildcards):
+    """What the download depends on: the source, the architecture and the weights entry (not the layers,
+    pooling or preprocessing, which change the embeddings, not the file)."""
+    definition = model_definition_dict(ZOO[wildcards.model])
+    return {key: definition[key] for key in ("source", "architecture", "weights") if key in definition}
+
+
+# Hugging Face models are fetched as a folder (a hub snapshot), the others as one file.
+_PRETRAINED = [m for m, spec in ZOO.items() if spec.weights is not None]
+FOLDER_WEIGHTS = [m for m in _PRETRAINED if weights_path(ZOO[m], "pretrains").suffix != ".pth"]
+FILE_WEIGHTS = [m for m in _PRETRAINED if m not in FOLDER_WEIGHTS]
 
 
 def embedding_definition(wildcards):
@@ -179,6 +194,11 @@ def embedding_outputs(prefix):
 def similarity_outputs(prefix):
     """The folder of a model's similarity matrices, one HDF5 file per layer, restored if a rerun fails."""
     return update(directory(f"{prefix}/similarity/{{model}}"))
+
+
+def layer_file(wildcards, input):
+    """This job's layer's file in the model's similarity folder."""
+    return f"{input.similarity}/{wildcards.layer}.h5"
 
 
 def model_layer_list(wildcards):

@@ -15,6 +15,7 @@ rule layer_probes:
     params:
         settings=P,
         code=code_digest("probes"),
+        layer_file=layer_file,
     threads: 1
     resources:
         mem_mb=2000,

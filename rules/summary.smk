@@ -4,7 +4,7 @@
 # With paper_study.enabled, the paper's own study is recomputed from its published per-test rows into
 # {results}/paper/ (same functions), so the report shows the published result beside the live run.
 FIGURE_NAMES = ["bias_counts", "intersectional", "strength"]
-FIGURES = FIGURE_NAMES + [f"heatmap_{config['summary']['heatmap_layer']}"]
+FIGURES = FIGURE_NAMES + [f"heatmap_{config['summary']['heatmap_layer']}", "bias_by_depth"]
 PAPER_FIGURES = FIGURE_NAMES + ["heatmap_avgpool"]
 
 
@@ -63,6 +63,7 @@ rule figures:
         expand(f"{R}/figures/{{name}}.{{ext}}", name=FIGURES, ext=["pdf", "rst"]),
     params:
         heatmap_layer=config["summary"]["heatmap_layer"],
+        intersectional_layer=config["summary"]["meta_test_layer"],
         code=code_digest("tables"),
     log:
         f"{R}/logs/figures.log",

@@ -14,10 +14,9 @@ rule association_test:
         f"{R}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
     params:
         test=test_definition,
-        permutations=config["permutations"],
-        alternative=config["alternative"],
-        bootstrap=config["bootstrap"],
+        options={"permutations": config["permutations"], "alternative": config["alternative"], **config["bootstrap"]},
         code=code_digest("test"),
+        layer_file=layer_file,
     resources:
         mem_mb=500,
         runtime=5,
@@ -28,9 +27,8 @@ rule association_test:
 
         single_threaded_blas()  # these jobs are threads of Snakemake: BLAS threads would only spin
         record_association_test(
-            f"{input.similarity}/{wildcards.layer}.h5", input.manifest, params.test, output[0], log[0],
-            model=wildcards.model, layer=wildcards.layer, seed=int(wildcards.seed),
-            permutations=params.permutations, alternative=params.alternative, **params.bootstrap,
+            params.layer_file, input.manifest, params.test, output[0], log[0],
+            model=wildcards.model, layer=wildcards.layer, seed=int(wildcards.seed), **params.options,
         )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
-"""Download one model's checkpoint into pretrains/, verified against the zoo and the weights lock, atomic
-(sbssl.models). params: model = model_definition_dict(...) of this job's model, weights_lock = lock path."""
+"""Download one model's checkpoint (a file, or a Hugging Face folder) into pretrains/, verified against the zoo
+and the weights lock, atomic (sbssl.models). params: model = the source, architecture and weights of this
+job's model (model_definition_dict), weights_lock = lock path."""
 from pathlib import Path
 
 from sbssl.io import job_log

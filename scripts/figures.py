@@ -1,4 +1,4 @@
-"""The paper's figures and the effect-size heat map (sbssl.figures)."""
+"""The paper's figures, the effect-size heat map and bias counts by relative depth (sbssl.figures)."""
 from pathlib import Path
 
 from sbssl.figures import write_figures
@@ -12,4 +12,6 @@ with job_log(snakemake.log[0]):
         load_zoo(snakemake.input.zoo),
         Path(snakemake.output[0]).parent,
         heatmap_layer=snakemake.params.heatmap_layer,
+        intersectional_layer=snakemake.params.intersectional_layer,
+        depth_figure=True,
     )

@@ -9,7 +9,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", str(snakemake.threads))
 with job_log(snakemake.log[0]):
     settings = snakemake.params.settings
     result = layer_probes(
-        f"{snakemake.input.similarity}/{snakemake.wildcards.layer}.h5",
+        snakemake.params.layer_file,
         snakemake.input.manifest,
         attribute=settings["attribute"],
         groups=settings["groups"],
