@@ -203,8 +203,25 @@ def _union_flags(table: pd.DataFrame, index: list[str]) -> pd.Series:
 _AVERAGED = ("p", "d", "p_floor", "d_ci_low", "d_ci_high")
 
 
+def averaged_random_instances(table: pd.DataFrame) -> list[str]:
+    """The random-family models that the model ``random`` averages, sorted: those that share the most
+    common set of layers among the random instances (the paper's three random ResNet-50s). A random model of
+    another architecture (e.g. a random ViT beside them) has other layers: it stays a model of its own in
+    the tables and figures instead of being mixed into the mean. Ties: the layer set of the first instance
+    in name order. ``table``: a per-test table or a summary (columns model, family, layer)."""
+    rows = table[(table["family"] == RANDOM_FAMILY) & (table["model"] != RANDOM_MODEL)]
+    layer_sets = {model: frozenset(layers) for model, layers in rows.groupby("model", sort=True)["layer"]}
+    if not layer_sets:
+        return []
+    sizes: dict[frozenset[str], int] = {}
+    for layers in layer_sets.values():
+        sizes[layers] = sizes.get(layers, 0) + 1
+    common = max(sizes, key=lambda layers: (sizes[layers], -list(layer_sets.values()).index(layers)))
+    return [model for model, layers in layer_sets.items() if layers == common]
+
+
 def _average_instances(random_rows: pd.DataFrame) -> pd.DataFrame:
-    """Per seed, the mean over the random family's instances (instances in name order), as model ``random``.
+    """Per seed, the mean over the averaged random instances (:func:`averaged_random_instances`, in name order), as model ``random``.
 
     Flags are the union over the instances: one degenerate instance excludes the mean too.
     """
@@ -247,7 +264,7 @@ def summarize(tests: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> pd.D
     (first appearance in ``tests``), with the columns :data:`SUMMARY_COLUMNS`:
 
     - model, family, layer, test, title, group, alternative: as in ``tests``; model ``random`` (family
-      random) is the mean over the random family's instances, which are kept as their own rows too.
+      random) is the mean over the random instances of one architecture (:func:`averaged_random_instances`), which are kept as their own rows too.
     - d, p: means over seeds. Computed like the authors' numpy code (float64, values summed in seed order
       then divided; for ``random`` first per seed over the instances in name order), so the last bits and
       hence the paper's set of distinct p-values are reproduced exactly.
@@ -272,7 +289,7 @@ def summarize(tests: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> pd.D
     per_seed = tests.reindex(columns=columns).assign(n_instances=1)
     for value in _AVERAGED:
         per_seed[value] = pd.to_numeric(per_seed[value], errors="coerce").astype(float)
-    random_rows = per_seed[per_seed["family"] == RANDOM_FAMILY]
+    random_rows = per_seed[per_seed["model"].isin(averaged_random_instances(per_seed))]
     if len(random_rows):
         per_seed = pd.concat([per_seed, _average_instances(random_rows)], ignore_index=True)
 
@@ -395,16 +412,17 @@ def exclusion_counts(summary: pd.DataFrame) -> dict[str, int]:
 def figure_models(summary: pd.DataFrame, zoo: Mapping[str, Any] | None = None) -> list[str]:
     """The models of the paper's figures and meta-test thresholds, in summary order.
 
-    Every model of the summary except the individual random instances when their mean ``random`` is
-    present, and (when ``zoo`` is given) except models outside the zoo (e.g. simclr_openselfsup).
+    Every model of the summary except the random instances averaged into ``random``
+    (:func:`averaged_random_instances`) when that mean is present, and (when ``zoo`` is given) except
+    models outside the zoo (e.g. simclr_openselfsup).
     """
     models = list(dict.fromkeys(summary["model"]))
-    family = summary.drop_duplicates("model").set_index("model")["family"]
+    averaged = set(averaged_random_instances(summary)) if RANDOM_MODEL in models else set()
     keep = []
     for model in models:
         if model == RANDOM_MODEL:
             keep.append(model)
-        elif RANDOM_MODEL in models and family[model] == RANDOM_FAMILY:
+        elif model in averaged:
             continue
         elif zoo is None or model in zoo:
             keep.append(model)

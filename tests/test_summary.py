@@ -218,3 +218,16 @@ def test_summary_csv_round_trips_and_read_summary_validates(tmp_path):
         read_summary(tmp_path / "x.csv")
     with pytest.raises(FileNotFoundError, match="summary table not found"):
         read_summary(tmp_path / "none.csv")
+
+
+def test_random_mean_covers_the_instances_of_one_architecture():
+    """A random ViT beside the random ResNets keeps its own rows; "random" averages the ResNets only."""
+    from sbssl.summary import averaged_random_instances, figure_models
+
+    rows = [(m, "random", layer) for m in ("random_1", "random_2") for layer in ("layer4", "avgpool")]
+    rows += [("vit_random", "random", layer) for layer in ("block12", "final")]
+    rows += [("moco", "contrastive", "avgpool")]
+    table = pd.DataFrame(rows, columns=["model", "family", "layer"])
+    assert averaged_random_instances(table) == ["random_1", "random_2"]
+    with_mean = pd.concat([table, pd.DataFrame([("random", "random", "avgpool")], columns=table.columns)])
+    assert figure_models(with_mean) == ["vit_random", "moco", "random"]

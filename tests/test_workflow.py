@@ -217,7 +217,10 @@ def test_demo_end_to_end(tmp_path):
     snakemake(work, "--configfile", "config/demo.yaml", "--report", "results/demo/report.html")
     results = work / "results/demo"
     tests = pd.read_csv(results / "tables/tests.csv")
-    assert len(tests) == 2 * 6 * 4 * 3
+    assert len(tests) == 3 * 6 * 4 * 3  # two ResNets and a ViT, six layers each, 4 tests, 3 seeds
+    assert set(tests.loc[tests["model"] == "vit_random", "layer"]) == {"embed", "block3", "block6", "block9", "block12", "final"}
+    vit = tests[tests["model"] == "vit_random"]
+    tests = tests[tests["model"] != "vit_random"]  # the planted numbers below are the ResNets'
     by_test = tests.groupby(["test", "model", "layer"])
     p, d = by_test["p"].mean(), by_test["d"].mean()
     # the planted association: large d, p at the floor of 10,000 permutations, at every layer
@@ -243,11 +246,14 @@ def test_demo_end_to_end(tmp_path):
     assert [at_gap[("rotation", t)] for t in (0.1, 0.05, 0.01)] == [6, 4, 0]
     # the planted tone is decodable at every layer of both models; the trade-off table has every layer
     leakage = pd.read_csv(results / "tables/leakage.csv")
-    assert len(leakage) == 2 * 6 and (leakage["attribute"] == "tone").all()
-    assert (leakage["accuracy_mean"] > 0.9).all() and (leakage["p_value"] < 0.05).all()
+    assert len(leakage) == 3 * 6 and (leakage["attribute"] == "tone").all()
+    resnets = leakage[leakage["model"] != "vit_random"]
+    assert (resnets["accuracy_mean"] > 0.9).all() and (resnets["p_value"] < 0.05).all()
     merged = leakage.merge(counts[counts["threshold"] == 0.05], on=["model", "layer"], suffixes=("", "_counts"))
     assert (merged["n_biases"] == merged["n_biases_counts"]).all()
-    assert len(pd.read_csv(results / "tables/tradeoff.csv")) == 2 * 6
+    assert len(pd.read_csv(results / "tables/tradeoff.csv")) == 3 * 6
+    print(vit.groupby(["test", "layer"])[["d", "p"]].mean().to_string())
+    print(leakage[leakage["model"] == "vit_random"].to_string())
     report_html = (results / "report.html").read_text(errors="replace")
     assert "Paper (published rows)" in report_html
 
