@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: demo test test-fast lint clean-demo
+.PHONY: demo test test-fast lint clean-demo bench bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,14 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
+
+# Benchmarks (minutes; figures and dates in README.md, "Benchmarks"). `bench` runs on any machine (CPU);
+# `bench-gpu` needs a CUDA GPU and the stimuli at ../shared/ieat/stimuli (or STIMULI=/path).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_stats.py
+	$(BIN)/python benchmarks/bench_similarity.py
+	$(BIN)/python benchmarks/bench_embed.py --device cpu --limit 16
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/bench_dag.py
+
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_embed.py --device cuda --batch-size 64 $(if $(STIMULI),--stimuli $(STIMULI))

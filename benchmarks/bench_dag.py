@@ -1,17 +1,29 @@
-"""Throughput of the permutation stage of the full study, and the dry-run time of its DAG.
+"""Throughput of the permutation stage of the full study against trivial jobs of the same DAG shape, and the
+dry-run time of the full study's DAG.
 
 Builds a scratch copy of the workflow with the full study's shape (15 models x 6 layers x 39 tests x
 3 seeds = 10,530 association_test jobs, 10,000 permutations) over small random similarity files, so
-only the DAG, the scheduler and the permutation jobs are measured (no model is run). Prints jobs/s.
+only the DAG, the scheduler and the permutation jobs are measured (no model is run). A second copy is
+identical except that the `run:` body of rule association_test only writes a tiny JSON (same rules,
+wildcards, params, inputs, outputs and log; the same profile: threads, greedy scheduler). Both run the
+association_test jobs only (``--until association_test``), one after the other, in this one run; the
+script prints both rates, their ratio (target >= 0.8) and the peak RSS of the Snakemake process (every
+test job is a thread of it; target <= 3000 MB).
+
+It also times ``snakemake -n`` of the full study (config/config.yaml: 15 models, control branch, probes;
+nothing is downloaded in a dry run) in another scratch copy (target < 10 s), and the same with
+``--quiet rules`` (no per-job printout), since printing 12,000 job descriptions is much of a dry run.
 
     .venv/bin/python benchmarks/bench_dag.py [--models N] [--images-per-folder K] [--keep DIR]
-Targets (issue 4): >= 50 jobs/s on 2 cores, dry run <= 15 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +43,16 @@ from sbssl.layers import LAYERS  # noqa: E402
 from sbssl.models import load_zoo  # noqa: E402
 from sbssl.storage import write_sha256  # noqa: E402
 from sbssl.stimuli import distinct_images, read_manifest  # noqa: E402
+
+TARGET = "results/tables/tests.csv"
+# The trivial body: what Snakemake itself needs a job to do (its output), nothing of ours.
+TRIVIAL_BODY = """    run:
+        import json
+
+        with open(output[0], "w") as handle:
+            json.dump({"test": wildcards.test, "seed": int(wildcards.seed)}, handle)
+
+"""
 
 
 def make_stimuli(root: Path, folders: set[str], per_folder: int, rng: np.random.Generator) -> None:
@@ -54,60 +76,109 @@ def make_similarity(path: Path, hashes: list[str], model: str, layer: str, rng: 
         f.attrs.update({"model": model, "layer": layer, "preprocessing": "sbssl", "pooling": "flatten"})
 
 
+def trivialise(workdir: Path) -> None:
+    """Replace the `run:` body of rule association_test in ``workdir``'s copy by :data:`TRIVIAL_BODY`."""
+    rules = workdir / "rules" / "tests.smk"
+    text = rules.read_text(encoding="utf-8")
+    pattern = re.compile(r"(rule association_test:\n(?:.*\n)*?)    run:\n(?:.*\n)*?(?=\n\nrule |\Z)")
+    new, count = pattern.subn(lambda m: m.group(1) + TRIVIAL_BODY.rstrip("\n") + "\n", text)
+    if count != 1:
+        raise SystemExit(f"{rules}: could not find the run: body of rule association_test")
+    rules.write_text(new, encoding="utf-8")
+
+
+def timed_snakemake(workdir: Path, *args: str) -> tuple[float, float]:
+    """Run snakemake in ``workdir``; return (seconds, peak RSS in MB of the Snakemake process, from wait4)."""
+    with tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "snakemake", *args], cwd=workdir, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"snakemake {' '.join(args)} failed in {workdir} ({proc.returncode}):\n{err.read()[-4000:]}")
+    return seconds, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def full_study_dry_run(workdir: Path) -> tuple[float, float, int]:
+    """(seconds of ``snakemake -n``, seconds with ``--quiet rules``, jobs) of config/config.yaml."""
+    copy_workflow(workdir)
+    start = time.perf_counter()
+    dry = snakemake(workdir, "-n")
+    plain = time.perf_counter() - start
+    start = time.perf_counter()
+    snakemake(workdir, "-n", "--quiet", "rules")
+    quiet = time.perf_counter() - start
+    return plain, quiet, len(planned_jobs(dry.stdout))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=15, help="how many of the zoo's models (default all 15)")
     parser.add_argument("--images-per-folder", type=int, default=8)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
+    parser.add_argument("--skip-dry-run", action="store_true", help="do not time the full study's dry run")
     args = parser.parse_args()
 
-    workdir = args.keep or Path(tempfile.mkdtemp(prefix="sbssl-bench-dag-"))
-    copy_workflow(workdir)
+    base = args.keep or Path(tempfile.mkdtemp(prefix="sbssl-bench-dag-"))
+    real, trivial = base / "real", base / "trivial"
+    copy_workflow(real)
     rng = np.random.default_rng(0)
-    catalogue = load_catalogue(workdir / "config/tests.yaml")
-    models = list(load_zoo(workdir / "config/models.yaml"))[: args.models]
-    stimuli = workdir / "stimuli"
+    catalogue = load_catalogue(real / "config/tests.yaml")
+    models = list(load_zoo(real / "config/models.yaml"))[: args.models]
+    stimuli = base / "stimuli"
     make_stimuli(stimuli, {getattr(t, k) for t in catalogue for k in "xyab"}, args.images_per_folder, rng)
-    config = write_config(
-        workdir,
-        "bench.yaml",
-        {
-            "results": "results",
-            "stimuli": str(stimuli),
-            "models": models,
-            "seeds": [0, 1, 2],
-            "permutations": 10_000,
-            "embedding": {"keep_embeddings": False},
-            "control": {"models": []},
-        },
-    )
-    target = "results/tables/tests.csv"
-    snakemake(workdir, "--configfile", str(config), "--cores", "1", "results/stimuli/manifest.csv")
-    hashes = distinct_images(read_manifest(workdir / "results/stimuli/manifest.csv"))["sha256"].tolist()
+    config = {
+        "results": "results",
+        "stimuli": str(stimuli),
+        "models": models,
+        "seeds": [0, 1, 2],
+        "permutations": 10_000,
+        "embedding": {"keep_embeddings": False},
+        "control": {"models": []},
+    }
+    write_config(real, "bench.yaml", config)
+    snakemake(real, "--configfile", "bench.yaml", "--cores", "1", "results/stimuli/manifest.csv")
+    hashes = distinct_images(read_manifest(real / "results/stimuli/manifest.csv"))["sha256"].tolist()
     for model in models:
         for layer in LAYERS:
-            make_similarity(workdir / f"results/similarity/{model}/{layer}.h5", hashes, model, layer, rng)
+            make_similarity(real / f"results/similarity/{model}/{layer}.h5", hashes, model, layer, rng)
+    shutil.copytree(real, trivial, symlinks=True)
+    trivialise(trivial)
 
     start = time.perf_counter()
-    dry = snakemake(workdir, "--configfile", str(config), "-n", target)
+    dry = snakemake(real, "--configfile", "bench.yaml", "-n", TARGET, "--until", "association_test")
     dry_seconds = time.perf_counter() - start
     jobs = planned_jobs(dry.stdout)
-    rules = {rule for rule, _ in jobs}
     n_tests = sum(rule == "association_test" for rule, _ in jobs)
-    if rules - {"association_test", "tests_table"}:
-        raise SystemExit(f"unexpected jobs planned: {sorted(rules)}")
+    if {rule for rule, _ in jobs} != {"association_test"}:
+        raise SystemExit(f"unexpected jobs planned: {sorted({rule for rule, _ in jobs})}")
 
-    start = time.perf_counter()
-    snakemake(workdir, "--configfile", str(config), "--cores", str(args.cores), target, timeout=3600)
-    run_seconds = time.perf_counter() - start
+    run_args = ("--configfile", "bench.yaml", "--cores", str(args.cores), TARGET, "--until", "association_test")
+    trivial_s, trivial_rss = timed_snakemake(trivial, *run_args)
+    real_s, real_rss = timed_snakemake(real, *run_args)
+    done = sum(1 for _ in (real / "results/tests").rglob("*.json"))
+    if done != n_tests:
+        raise SystemExit(f"{done} result files for {n_tests} jobs")
 
-    print(f"workdir: {workdir}")
-    print(f"models x layers x tests x seeds: {len(models)} x {len(LAYERS)} x {len(catalogue)} x 3")
-    print(f"distinct images per similarity matrix: {len(hashes)}")
-    print(f"dry run ({len(jobs)} jobs): {dry_seconds:.1f} s")
-    print(f"run: {n_tests} association_test jobs + tests_table in {run_seconds:.1f} s on {args.cores} cores")
-    print(f"throughput: {(n_tests + 1) / run_seconds:.1f} jobs/s")
+    print(f"workdir: {base}")
+    print(f"models x layers x tests x seeds: {len(models)} x {len(LAYERS)} x {len(catalogue)} x 3 = {n_tests} jobs")
+    print(f"distinct images per similarity matrix: {len(hashes)}; {args.cores} cores; profile: profiles/default")
+    print(f"dry run of these {n_tests} jobs: {dry_seconds:.1f} s")
+    print(f"trivial jobs (same DAG, body writes a tiny JSON): {trivial_s:.1f} s, {n_tests / trivial_s:.1f} jobs/s")
+    print(f"association_test jobs (10,000 permutations, bootstrap 2,000): {real_s:.1f} s, {n_tests / real_s:.1f} jobs/s")
+    print(f"ratio permutation stage / trivial: {trivial_s / real_s:.2f} (target >= 0.8)")
+    print(f"peak RSS of the Snakemake process: {real_rss:.0f} MB with the test jobs, {trivial_rss:.0f} MB trivial "
+          "(target <= 3000 MB)")  # fmt: skip
+    if not args.skip_dry_run:
+        plain, quiet, n_jobs = full_study_dry_run(base / "full")
+        print(f"full study dry run (config/config.yaml, {n_jobs} jobs): `snakemake -n` {plain:.1f} s, "
+              f"with --quiet rules {quiet:.1f} s (target < 10 s)")  # fmt: skip
     return 0
 
 

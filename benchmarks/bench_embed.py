@@ -5,12 +5,22 @@ Prints, for one randomly initialised ResNet-50 (``random_1`` of the zoo) on the 
 - images/s of the full extraction (decode + preprocess + one forward per batch + six layers + LZF HDF5),
 - their ratio (target >= 0.85), forward passes (target = number of distinct images) and a second, cached run,
 - peak RSS of the extraction job and of the similarity job (each run in its own child process; the figure is
-  the child's ru_maxrss from wait4, target <= 3 GB), and bytes on disk per layer and in all.
+  the child's ru_maxrss from wait4, target <= 3 GB), and bytes on disk per layer and in all;
+- on CUDA: the GPU, its peak memory (allocated and reserved by PyTorch), and the largest difference between
+  the GPU's and the CPU's embeddings of the first batch (the GPU path runs full float32, no TF32);
+- the projected time of the 15-model study (embeddings and similarities of 15 models, plus the 10,530
+  permutation tests at ``--tests-per-second``): with fewer than 664 images, the embedding and the measured
+  similarity time are scaled linearly to 664 images, and the similarity products (664^2 x dim per layer,
+  symmetric) are added at the float64 rate this machine's BLAS measured.
+
+``make bench-gpu`` runs it with ``--device cuda --batch-size 64`` on all images. On a machine without a GPU,
+``--device cpu --limit 16`` checks that it runs.
 
 Images: the real iEAT stimuli at ../shared/ieat/stimuli when present (665 distinct images; ``--limit N``
 takes N spread over the whole set), else ``--limit`` generated images (default 64).
 
     .venv/bin/python benchmarks/bench_embed.py --limit 64
+    .venv/bin/python benchmarks/bench_embed.py --device cuda --batch-size 64
     .venv/bin/python benchmarks/bench_embed.py            # the full 665 images (CPU: ~2 min per 100 images)
 """
 
@@ -28,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+#: The full study: 15 models, the distinct iEAT images, 15 x 6 x 39 x 3 permutation tests.
+STUDY_MODELS, STUDY_IMAGES, STUDY_TESTS = 15, 664, 10_530
 DEFAULT_STIMULI = REPO.parent / "shared" / "ieat" / "stimuli"
 
 
@@ -67,13 +79,20 @@ def _child(mode: str, config: dict) -> dict:
     out = {layer: Path(config["work"]) / "embeddings" / f"{layer}.h5" for layer in layers}
     if mode == "similarity":  # no torch here: the similarity job's own footprint
         from sbssl.similarity import cosine_similarities
+        from sbssl.storage import read_embeddings_header
 
         seconds = {}
         for layer, path in out.items():
             t0 = time.perf_counter()
             cosine_similarities(path, Path(config["work"]) / "similarity" / f"{layer}.h5")
             seconds[layer] = time.perf_counter() - t0
-        return {"seconds": seconds}
+        # float64 products per second of this machine's BLAS, for the projection to the study's image count
+        a = np.random.default_rng(0).standard_normal((512, 16_384))
+        t0 = time.perf_counter()
+        a @ a.T
+        flops = 512 * 512 * 16_384 / (time.perf_counter() - t0)  # a @ a.T is a symmetric product: half of 2 n^2 k
+        dims = {layer: read_embeddings_header(path).shape[1] for layer, path in out.items()}
+        return {"seconds": seconds, "flops": flops, "dims": dims}
 
     import torch
 
@@ -121,13 +140,42 @@ def _child(mode: str, config: dict) -> dict:
         for path in scratch.values():
             path.unlink()
     # One complete run over all images (forward passes, bytes, peak RSS), then a run that must be cached.
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
     complete = full(images, out)
+    gpu = {}
+    if device.type == "cuda":
+        gpu = {"name": torch.cuda.get_device_name(device), "total": torch.cuda.get_device_properties(device).total_memory,
+               "allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.max_memory_reserved(device),
+               "max_diff": _gpu_vs_cpu(build_model(spec), images[:size], out, size)}  # fmt: skip
     cached = full(images, out)
     return {
         "n": len(images), "bare_s": bare_s, "full_s": full_s, "complete_s": complete.seconds,
         "forward_passes": complete.forward_passes, "batches": complete.batches, "bytes": complete.bytes_on_disk,
         "device": complete.device, "cached_forward_passes": cached.forward_passes, "cached_s": cached.seconds,
+        "gpu": gpu,
     }  # fmt: skip
+
+
+def _gpu_vs_cpu(model, images: list, gpu_files: dict, size: int) -> dict[str, float]:
+    """Largest |GPU - CPU| / max|CPU| per layer over the first batch: the CPU embeds it again."""
+    import h5py
+
+    from sbssl.embed import embed_layers, embedding_attrs
+    from sbssl.models import load_zoo
+
+    spec = load_zoo(REPO / "config" / "models.yaml")["random_1"]
+    cpu_files = {layer: path.with_name(f"cpu-{path.name}") for layer, path in gpu_files.items()}
+    embed_layers(model, images, cpu_files, attrs=embedding_attrs(spec), layers=list(gpu_files), batch_size=size,
+                 device="cpu", progress=False)  # fmt: skip
+    diffs = {}
+    for layer in gpu_files:
+        with h5py.File(gpu_files[layer], "r") as g, h5py.File(cpu_files[layer], "r") as c:
+            on_gpu, on_cpu = g["embeddings"][: len(images)], c["embeddings"][()]
+        diffs[layer] = float(np.abs(on_gpu - on_cpu).max() / max(float(np.abs(on_cpu).max()), 1e-30))
+        cpu_files[layer].unlink()
+    return diffs
 
 
 def _run_child(mode: str, config_path: Path) -> tuple[dict, float]:
@@ -153,6 +201,10 @@ def main() -> None:
         "--group-batches", type=int, default=6, help="batches per bare/full alternation (default: %(default)s)"
     )
     parser.add_argument("--work", help="folder for the outputs (default: a temporary folder, removed after)")
+    parser.add_argument(
+        "--tests-per-second", type=float, default=50.0,
+        help="rate of the permutation stage for the projection (benchmarks/bench_dag.py; default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -190,6 +242,23 @@ def main() -> None:
           + ", ".join(f"{k} {v:.1f}s" for k, v in sim["seconds"].items()) + ")")
     print(f"bytes on disk       : {total / 1e6:7.1f} MB per model ({total / n / 1e6:.2f} MB/image): "
           + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in emb["bytes"].items()))
+    gpu = emb["gpu"]
+    if gpu:
+        print(f"GPU                 : {gpu['name']}, {gpu['total'] / 2**30:.0f} GiB; peak {gpu['allocated'] / 2**30:.2f} GiB "
+              f"allocated, {gpu['reserved'] / 2**30:.2f} GiB reserved by PyTorch")  # fmt: skip
+        print("GPU vs CPU          : largest |difference| / max|value|, first batch: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in gpu["max_diff"].items()))
+    else:
+        print(f"GPU                 : none used (device {emb['device']})")
+    embed_s = emb["complete_s"] * STUDY_IMAGES / n
+    similarity_s = sum(sim["seconds"].values()) * STUDY_IMAGES / n
+    if n < STUDY_IMAGES:  # the products grow with the square of the image count
+        similarity_s += sum(STUDY_IMAGES**2 * dim for dim in sim["dims"].values()) / sim["flops"]
+    tests_s = STUDY_TESTS / args.tests_per_second
+    study_s = STUDY_MODELS * (embed_s + similarity_s) + tests_s
+    print(f"projected study     : {study_s / 60:7.1f} min on this machine ({emb['device']}): {STUDY_MODELS} models x "
+          f"({embed_s:.0f} s embedding + {similarity_s:.0f} s similarities at {STUDY_IMAGES} images) + {STUDY_TESTS:,} "
+          f"tests at {args.tests_per_second:g}/s ({tests_s:.0f} s); target on one H200-class GPU: < 10 min")  # fmt: skip
 
 
 if __name__ == "__main__":
