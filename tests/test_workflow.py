@@ -162,6 +162,19 @@ def test_adding_a_model_runs_only_its_jobs(small_study):
     assert sum(rule == "embed_layers" for rule, _ in jobs) == 1
 
 
+def test_adding_a_timm_model_runs_only_its_jobs(small_study):
+    work, _, _ = small_study
+    config = write_config(work, "plus_vit.yaml", {
+        **SMALL, "models": [*SMALL["models"], "vit_random"], "layers": [*SMALL["layers"], "final"],
+    })
+    jobs = planned_jobs(snakemake(work, "--configfile", str(config), "-n", TARGET).stdout)
+    for rule, wildcards in jobs:
+        assert rule in AGGREGATES or wildcards.get("model") == "vit_random", (rule, wildcards)
+    tests = [w for rule, w in jobs if rule == "association_test"]
+    assert {w["layer"] for w in tests} == {"final"} and len(tests) == N_TESTS * 2
+    assert sum(rule == "embed_layers" for rule, _ in jobs) == 1
+
+
 def test_changing_one_models_weights_reruns_only_that_model(small_study):
     work, config, checkpoints = small_study
     zoo_path = work / "config/models.yaml"
