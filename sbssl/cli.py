@@ -11,7 +11,6 @@ import sys
 from typing import Sequence
 
 from sbssl import __version__
-from sbssl.layers import LAYERS
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:
@@ -100,7 +99,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sbssl.embed import embed_model
-    from sbssl.models import load_zoo
+    from sbssl.layers import model_layer_slugs
+    from sbssl.models import load_zoo, weights_path
     from sbssl.similarity import cosine_similarities, similarity_is_current
 
     zoo = load_zoo(args.zoo)
@@ -109,18 +109,19 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     spec = zoo[args.model]
     weights = args.weights
     if spec.weights is not None and weights is None:
-        weights = Path("pretrains") / f"{spec.name}.pth"
-        if not weights.is_file():
+        weights = weights_path(spec, "pretrains")
+        if not weights.exists():
             raise FileNotFoundError(f"{weights} not found; run `sbssl fetch-weights --model {spec.name}` or pass --weights")
-    out = {layer: Path(args.out_dir) / spec.name / f"{layer}.h5" for layer in args.layers}
+    layers = args.layers or model_layer_slugs(spec)
+    out = {layer: Path(args.out_dir) / spec.name / f"{layer}.h5" for layer in layers}
     report = embed_model(
-        spec, weights, args.manifest, args.stimuli, out, lock_path=args.lock, layers=args.layers, preprocessing=args.preprocessing,
+        spec, weights, args.manifest, args.stimuli, out, lock_path=args.lock, layers=layers, preprocessing=args.preprocessing,
         pooling=args.pooling, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         progress=not args.quiet,
     )  # fmt: skip
     state = "all layers cached, nothing computed" if report.cached else f"{report.forward_passes} images embedded"
     print(f"{spec.name}: {report.n_images} distinct images, {state} ({report.seconds:.1f} s on {report.device})")
-    for layer in args.layers:
+    for layer in layers:
         line = f"  {layer}: {out[layer]} ({report.bytes_on_disk[layer] / 1e6:.1f} MB)"
         if args.similarity_dir:
             sim = Path(args.similarity_dir) / spec.name / f"{layer}.h5"
@@ -230,12 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stimuli", required=True, help="stimuli root the manifest paths are relative to")
     p.add_argument("--model", required=True, help="model name in the zoo")
     p.add_argument("--zoo", default="config/models.yaml", help="zoo file (default: %(default)s)")
-    p.add_argument("--weights", help="checkpoint file (default: pretrains/<model>.pth; none for random models)")
+    p.add_argument("--weights", help="checkpoint file or model folder (default: where fetch-weights puts it; none for random models)")
     p.add_argument("--lock", default="config/weights.lock", help="weights lock the checkpoint is verified against (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="writes OUT_DIR/<model>/<layer>.h5 (e.g. results/embeddings)")
-    p.add_argument("--layers", nargs="+", default=list(LAYERS), help="modules to capture (default: all six)")
-    p.add_argument("--preprocessing", default="sbssl", choices=("sbssl", "standard"), help="default: %(default)s")
-    p.add_argument("--pooling", default="flatten", choices=("flatten", "mean"), help="default: %(default)s")
+    p.add_argument("--layers", nargs="+", help="layer slugs to capture (default: all of the model's layers)")
+    p.add_argument("--preprocessing", choices=("sbssl", "standard", "model", "igpt"), help="default: the model's own")
+    p.add_argument("--pooling", choices=("flatten", "mean", "cls", "tokens_mean", "patch_mean"), help="default: the model's own")
     p.add_argument("--dtype", default="float32", choices=("float16", "float32"), help="stored type (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0, ... (default: %(default)s)")
