@@ -25,17 +25,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from sbssl.layers import RESNET50_SHAPES
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STIMULI = REPO.parent / "shared" / "ieat" / "stimuli"
-#: (C, H, W) of each flattened layer of a ResNet-50 at 224 x 224.
-SHAPES = {
-    "maxpool": (64, 56, 56),
-    "layer1": (256, 56, 56),
-    "layer2": (512, 28, 28),
-    "layer3": (1024, 14, 14),
-    "layer4": (2048, 7, 7),
-    "avgpool": (2048, 1, 1),
-}
 
 
 def _write_embeddings(path: Path, values: np.ndarray, dtype: str) -> None:
@@ -143,11 +136,11 @@ def disk_part(args: argparse.Namespace, work: Path) -> None:
         stored[dtype] = {layer: size / len(images) for layer, size in report.bytes_on_disk.items()}
     totals = np.zeros(4)
     for layer in LAYERS:
-        values = int(np.prod(SHAPES[layer]))
+        values = int(np.prod(RESNET50_SHAPES[layer]))
         row = np.array([4 * values, stored["float32"][layer], 2 * values, stored["float16"][layer]])
         totals += row
         print(f"  {layer:8s} {values:9d} " + " ".join(f"{v / 1e6:8.3f}" for v in row))
-    print(f"  {'total':8s} {sum(int(np.prod(s)) for s in SHAPES.values()):9d} " + " ".join(f"{v / 1e6:8.3f}" for v in totals))
+    print(f"  {'total':8s} {sum(int(np.prod(s)) for s in RESNET50_SHAPES.values()):9d} " + " ".join(f"{v / 1e6:8.3f}" for v in totals))
     print(f"664 iEAT images     : float32 {totals[1] * 664 / 1e9:.2f} GB, float16 {totals[3] * 664 / 1e9:.2f} GB per "
           f"model (LZF, at these per-image sizes); x15 models: {totals[1] * 664 * 15 / 1e9:.0f} vs "
           f"{totals[3] * 664 * 15 / 1e9:.0f} GB")  # fmt: skip

@@ -30,6 +30,17 @@ LAYER_TITLES: dict[str, str] = {
     "avgpool": "GAP",
 }
 
+#: Output shape (C, H, W) of each of the six layers of torchvision's resnet50 at a 224 x 224 input: a flattened
+#: map has C * H * W values per image (802,816 at layer1).
+RESNET50_SHAPES: dict[str, tuple[int, int, int]] = {
+    "maxpool": (64, 56, 56),
+    "layer1": (256, 56, 56),
+    "layer2": (512, 28, 28),
+    "layer3": (1024, 14, 14),
+    "layer4": (2048, 7, 7),
+    "avgpool": (2048, 1, 1),
+}
+
 #: Relative depth of the six layers in torchvision's resnet50 (leaf modules run: 4, 27, 57, 101, 124 and 125
 #: of 125), what :func:`sbssl.backbones.layer_depths` computes, kept here so the paper's models need no torch.
 RESNET50_DEPTHS: dict[str, float] = {

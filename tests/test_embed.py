@@ -20,22 +20,14 @@ from sbssl.embed import (
     embedding_attrs,
     permute_positions,
 )
-from sbssl.layers import LAYERS
+from sbssl.layers import LAYERS, RESNET50_SHAPES
 from sbssl.provenance import provenance
 from sbssl.similarity import read_similarity
 from sbssl.stimuli import build_manifest, load_image, sha256_file, write_manifest
 
 torch.set_num_threads(2)  # the CI box is shared; more threads only add contention
 
-#: Flattened size per image of each layer of a ResNet-50 at 224x224: (C, H, W).
-SHAPES = {
-    "maxpool": (64, 56, 56),
-    "layer1": (256, 56, 56),
-    "layer2": (512, 28, 28),
-    "layer3": (1024, 14, 14),
-    "layer4": (2048, 7, 7),
-    "avgpool": (2048, 1, 1),
-}
+
 ATTRS = {"model": "random_test", "weights_sha256": "random-init-seed-7"}
 
 
@@ -190,7 +182,7 @@ def test_one_forward_pass_per_batch_captures_all_six_layers(flat32, images):
     assert counter.calls == 2 and counter.images == 3  # ceil(3 / 2) forward calls, each image once
     assert report.batches == 2 and report.forward_passes == 3 and report.n_images == 3
     assert report.computed_layers == LAYERS and report.reused_layers == ()
-    for layer, (c, h, w) in SHAPES.items():
+    for layer, (c, h, w) in RESNET50_SHAPES.items():
         with h5py.File(folder / f"{layer}.h5") as f:
             assert f["embeddings"].shape == (3, c * h * w)
             assert f["embeddings"].dtype == np.float32  # the default: float16 shifts p-values
@@ -198,7 +190,7 @@ def test_one_forward_pass_per_batch_captures_all_six_layers(flat32, images):
             assert f["embeddings"].compression == "lzf"
             assert [s.decode() for s in f["sha256"][()]] == [sha for sha, _ in images]
         assert report.bytes_on_disk[layer] == (folder / f"{layer}.h5").stat().st_size
-    assert SHAPES["layer1"][0] * SHAPES["layer1"][1] * SHAPES["layer1"][2] == 802_816
+    assert RESNET50_SHAPES["layer1"][0] * RESNET50_SHAPES["layer1"][1] * RESNET50_SHAPES["layer1"][2] == 802_816
     assert not list(folder.glob(".*"))  # no temporary files left
 
 
@@ -241,7 +233,7 @@ def test_mean_pooling_float16_is_the_spatial_mean_of_the_map(model, images, tmp_
         with h5py.File(tmp_path / f"{layer}.h5") as f:
             stored = f["embeddings"][()]
             assert f.attrs["pooling"] == "mean" and f.attrs["dtype"] == "float16"
-        assert stored.dtype == np.float16 and stored.shape == (3, SHAPES[layer][0])
+        assert stored.dtype == np.float16 and stored.shape == (3, RESNET50_SHAPES[layer][0])
         # float16 keeps 11 significant bits: relative error <= 2^-11.
         np.testing.assert_allclose(stored, reference[layer].mean(axis=(2, 3)), rtol=1e-3, atol=1e-6)
 
