@@ -32,7 +32,8 @@ def test_short_colored_digits_run_writes_metrics_and_weights(method: str, digits
     metrics = run_debias("colored-digits", method, 3, tmp_path, data=digits, epochs=2, device="cpu")
     assert KEYS <= set(metrics)
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
-    assert (metrics["method"], metrics["seed"], metrics["dataset"], metrics["epochs"]) == (method, 3, "colored-digits", 2)
+    assert (metrics["method"], metrics["seed"], metrics["epochs"]) == (method, 3, 2)
+    assert metrics["dataset"] == "colored-digits"
     assert set(metrics["group_acc"]) == set(digits.group_names)
     assert metrics["group_count"] == digits.group_counts()["test"]
     assert metrics["best_epoch"] in (1, 2) and len(metrics["history"]) == 2

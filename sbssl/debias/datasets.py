@@ -83,7 +83,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batches(self, index_lists: list[np.ndarray], *, num_workers: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def batches(
+        self, index_lists: list[np.ndarray], *, num_workers: int = 0
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """Yield ``(indices, images (b, C, H, W))`` for each index array, in order (decoded by ``num_workers``
         DataLoader workers when the split is file-based)."""
         if self.images is not None:
@@ -256,7 +258,9 @@ def _read_celeba_attributes(path: Path) -> tuple[list[str], list[str], np.ndarra
         names = lines[1].split()
         rows = [line.split() for line in lines[2:] if line.strip()]
     except (IndexError, ValueError):
-        raise ValueError(f"{path}: not CelebA's attribute list (line 1: image count, line 2: attribute names)") from None
+        raise ValueError(
+            f"{path}: not CelebA's attribute list (line 1: image count, line 2: attribute names)"
+        ) from None
     if len(rows) != count or any(len(r) != len(names) + 1 for r in rows):
         raise ValueError(f"{path}: expected {count} rows of a file name and {len(names)} values each")
     values = np.array([r[1:] for r in rows], dtype=np.int64)

@@ -258,7 +258,9 @@ class DebiasNet(nn.Module):
             out["adv_logits"] = self.adversary(grad_reverse(tap, self.adv_lambda))
         if self.pseudo_heads is not None and y is not None:
             every = torch.stack([head(feature) for head in self.pseudo_heads], 1)  # (B, C, k)
-            out["pseudo_logits"] = every[torch.arange(len(y), device=y.device), y]
+            # a mask, not indexing: indexing's backward accumulates with atomics on CUDA (not reproducible)
+            mask = F.one_hot(y, len(self.pseudo_heads)).to(every.dtype)
+            out["pseudo_logits"] = (every * mask[:, :, None]).sum(1)
         return out
 
 
@@ -323,9 +325,12 @@ def predict(model: nn.Module, split: Split, device: torch.device, *, num_workers
     return torch.cat(outs)
 
 
-def _evaluate(model: nn.Module, data: DebiasData, split: str, device: torch.device) -> GroupAccuracy:
-    predicted = predict(model, data.splits[split], device).argmax(1).numpy()
-    return group_accuracy(predicted, data.splits[split].y, data.groups(split), data.group_names, split=split)
+def _evaluate(model: nn.Module, data: DebiasData, split: str, device: torch.device,
+              num_workers: int) -> tuple[GroupAccuracy, np.ndarray]:
+    """Group accuracies of ``model`` on ``split`` and its predicted classes (N,)."""
+    predicted = predict(model, data.splits[split], device, num_workers=num_workers).argmax(1).numpy()
+    accuracy = group_accuracy(predicted, data.splits[split].y, data.groups(split), data.group_names, split=split)
+    return accuracy, predicted
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------
@@ -382,7 +387,8 @@ def _identity(dataset: str, method: str, seed: int, config: DebiasConfig) -> dic
 
 # --- the job ------------------------------------------------------------------------------------------------
 
-def _clusterfix_setup(data: DebiasData, config: DebiasConfig, seed: int, device: torch.device) -> dict[str, Any]:
+def _clusterfix_setup(data: DebiasData, config: DebiasConfig, seed: int, device: torch.device,
+                      num_workers: int) -> dict[str, Any]:
     """Frozen features -> per-class cosine k-means of train; val/test assigned to the training centres."""
     if config.cf_features == "pixels":
         if any(s.images is None for s in data.splits.values()):
@@ -395,7 +401,8 @@ def _clusterfix_setup(data: DebiasData, config: DebiasConfig, seed: int, device:
             net = build_backbone(config, config.cf_feature_weights or config.init_weights).to(device)
         tap = TAPS[config.backbone][-1]
         frozen = DebiasNet(net, data.n_classes, feature_tap=tap).to(device)
-        features = {name: predict(frozen, s, device, output="feature").numpy() for name, s in data.splits.items()}
+        features = {name: predict(frozen, s, device, num_workers=num_workers, output="feature").numpy()
+                    for name, s in data.splits.items()}
     train = data.splits["train"]
     clusters = cosine_kmeans(features["train"], train.y, data.n_classes, config.cf_k, seed)
     ids = {"train": clusters.global_ids(train.y)}
@@ -439,12 +446,14 @@ def _train_epoch(model: DebiasNet, data: DebiasData, method: str, config: Debias
             a = torch.as_tensor(train.a[idx], device=device)
             loss = ce.mean() + F.cross_entropy(out["adv_logits"], a)
         else:
-            ids = state["ids"][tidx].to(device)
-            pseudo = F.cross_entropy(out["pseudo_logits"], ids % config.cf_k, reduction="none")
-            w = clusterfix_sample_weights(ids, pseudo, ce, state["weights"][tidx].to(device), state["sizes"],
-                                          state["n_total"], momentum=config.cf_momentum, variant=config.cf_variant)
-            state["weights"][tidx] = w.cpu()
-            loss = (w * ce).mean() + config.cf_beta * pseudo.mean()
+            ids = state["ids"][tidx]
+            pseudo = F.cross_entropy(out["pseudo_logits"], (ids % config.cf_k).to(device), reduction="none")
+            # weights on CPU: a handful of numbers, and CUDA's index_add_ would not be reproducible
+            w = clusterfix_sample_weights(ids, pseudo.detach().cpu(), ce.detach().cpu(), state["weights"][tidx],
+                                          state["sizes"], state["n_total"], momentum=config.cf_momentum,
+                                          variant=config.cf_variant)
+            state["weights"][tidx] = w
+            loss = (w.to(device) * ce).mean() + config.cf_beta * pseudo.mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -502,9 +511,11 @@ def run_debias(
     if isinstance(data, DebiasData):
         debias_data = data
     else:
-        loader_options: dict[str, Any] = {"data_seed": config.data_seed, "aligned": config.aligned} if dataset == "colored-digits" else (
-            {"image_size": config.image_size} if dataset == "waterbirds"
-            else {"image_size": config.image_size, "target": config.target, "bias": config.bias})
+        loader_options: dict[str, Any] = {
+            "colored-digits": {"data_seed": config.data_seed, "aligned": config.aligned},
+            "waterbirds": {"image_size": config.image_size},
+            "celeba": {"image_size": config.image_size, "target": config.target, "bias": config.bias},
+        }.get(dataset, {})
         debias_data = load_dataset(dataset, data, **loader_options)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with _deterministic_cudnn(), _threads(1 if dev.type == "cpu" and config.backbone == "small_cnn" else None):
@@ -517,7 +528,8 @@ def _run(data: DebiasData, identity: dict[str, Any], config: DebiasConfig, out: 
     ckpt_path = out / "checkpoint.pt"
     checkpoint = None
     if ckpt_path.is_file():
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+        # our own file; it holds numpy RNG states and result dataclasses, which weights_only refuses
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if checkpoint["identity"] != identity:
             raise ValueError(f"{ckpt_path}: a checkpoint of other settings; use another folder or delete it")
 
@@ -548,11 +560,11 @@ def _run(data: DebiasData, identity: dict[str, Any], config: DebiasConfig, out: 
         state["adjustment"] = (None if config.dro_adjustment == 0
                                else (config.dro_adjustment / counts.clamp(min=1).sqrt()).to(device))
     elif method == "clusterfix":
-        setup = checkpoint["clusterfix"] if checkpoint else _clusterfix_setup(data, config, seed, device)
+        setup = checkpoint["clusterfix"] if checkpoint else _clusterfix_setup(data, config, seed, device, num_workers)
         ids = torch.as_tensor(setup["ids"]["train"])
         state.update(
             setup=setup, ids=ids, weights=torch.ones(len(ids)), n_total=len(ids),
-            sizes=torch.bincount(ids, minlength=data.n_classes * config.cf_k).to(device),
+            sizes=torch.bincount(ids, minlength=data.n_classes * config.cf_k),
         )
         extra["clusters"] = _cluster_summary(data, setup["ids"]["train"], config.cf_k)
 
@@ -570,14 +582,14 @@ def _run(data: DebiasData, identity: dict[str, Any], config: DebiasConfig, out: 
         batches = epoch_batches(data, method, config, seed, epoch)
         loss = _train_epoch(model, data, method, config, batches, optimiser, state, device, num_workers)
         scheduler.step()
-        val, test = _evaluate(model, data, "val", device), _evaluate(model, data, "test", device)
+        val, val_predicted = _evaluate(model, data, "val", device, num_workers)
+        test, _ = _evaluate(model, data, "test", device, num_workers)
         record = {"epoch": epoch, "train_loss": loss, "val_worst_group_acc": val.worst, "val_avg_acc": val.average,
                   "test_worst_group_acc": test.worst, "test_avg_acc": test.average}
         if method == "clusterfix":
-            ids = state["setup"]["ids"]["val"]
-            predicted = predict(model, data.splits["val"], device).argmax(1).numpy()
             names = [str(i) for i in range(data.n_classes * config.cf_k)]
-            record["val_worst_cluster_acc"] = group_accuracy(predicted, data.splits["val"].y, ids, names).worst
+            record["val_worst_cluster_acc"] = group_accuracy(
+                val_predicted, data.splits["val"].y, state["setup"]["ids"]["val"], names).worst
         history.append(record)
         if best is None or val.worst > best["val"].worst:
             best = {"epoch": epoch, "val": val, "test": test,
