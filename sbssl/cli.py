@@ -190,6 +190,10 @@ def _cmd_balanced_subset(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sbssl.backbones import MODEL_PREPROCESSING
+    from sbssl.embed import PREPROCESSING
+    from sbssl.models import POOLINGS
+
     parser = argparse.ArgumentParser(
         prog="sbssl",
         description="Audit vision models for social biases with image embedding association tests (iEAT).",
@@ -235,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lock", default="config/weights.lock", help="weights lock the checkpoint is verified against (default: %(default)s)")
     p.add_argument("--out-dir", required=True, help="writes OUT_DIR/<model>/<layer>.h5 (e.g. results/embeddings)")
     p.add_argument("--layers", nargs="+", help="layer slugs to capture (default: all of the model's layers)")
-    p.add_argument("--preprocessing", choices=("sbssl", "standard", "model", "igpt"), help="default: the model's own")
-    p.add_argument("--pooling", choices=("flatten", "mean", "cls", "tokens_mean", "patch_mean"), help="default: the model's own")
+    p.add_argument("--preprocessing", choices=(*PREPROCESSING, *MODEL_PREPROCESSING), help="default: the model's own")
+    p.add_argument("--pooling", choices=POOLINGS, help="default: the model's own")
     p.add_argument("--dtype", default="float32", choices=("float16", "float32"), help="stored type (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0, ... (default: %(default)s)")

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torchvision.models import resnet50
 
+from sbssl.backbones import MODEL_PREPROCESSING
 from sbssl.cli import build_parser, main
 from sbssl.embed import (
     IMAGENET_MEAN,
@@ -106,7 +107,7 @@ def test_standard_preset_resizes_centre_crops_and_normalises():
 
 def test_cli_offers_exactly_the_registered_presets():
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["embed"]._actions if a.dest == "preprocessing")
-    assert sorted(action.choices) == sorted(PREPROCESSING)
+    assert sorted(action.choices) == sorted([*PREPROCESSING, *MODEL_PREPROCESSING])
 
 
 # --- extraction ------------------------------------------------------------------------------------------
