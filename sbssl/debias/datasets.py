@@ -15,7 +15,8 @@
   ``y`` (1 = waterbird), ``split`` (0/1/2 = train/val/test) and ``place`` (1 = water background, the bias).
 - ``celeba`` (:func:`load_celeba`): a local folder with ``list_attr_celeba.txt``,
   ``list_eval_partition.txt`` and ``img_align_celeba/``; target any of the 40 attributes (default
-  ``Blond_Hair``, Sagawa et al.'s setting), bias attribute ``Male``. CelebA has no stable direct-download
+  ``Blond_Hair``, Sagawa et al.'s setting; ClusterFix's list of targets was not available here, so any
+  attribute name is accepted), bias attribute ``Male``. CelebA has no stable direct-download
   URL (Google Drive, quota-limited), so it is read from a local folder only.
 
 Image preprocessing follows GroupDRO's code (no augmentation): Waterbirds resized to (size * 256/224)^2 and
@@ -41,7 +42,8 @@ from sbssl.io import read_yaml, write_text_atomic
 
 DATASETS = ("colored-digits", "waterbirds", "celeba")
 SPLITS = ("train", "val", "test")
-#: Waterbirds (Sagawa et al. 2020), the archive ClusterFix and GroupDRO train on.
+#: Waterbirds as GroupDRO (Sagawa et al. 2020) publishes it, the archive ClusterFix's README points to (per
+#: issue 12; the URL is the one GroupDRO-based code uses, not checked live: no network here).
 WATERBIRDS_URL = "https://nlp.stanford.edu/data/dro/waterbird_complete95_forest2water2.tar.gz"
 WATERBIRDS_FOLDER = "waterbird_complete95_forest2water2"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

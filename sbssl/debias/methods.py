@@ -9,14 +9,24 @@ Sources and where this code follows one over another:
   so the adversary learns to predict the attribute while the backbone receives the reversed gradient.
   Their adversary is Linear(d, 300), then [BN, LeakyReLU, Linear(300, 300)] x 2, then BN, LeakyReLU,
   Linear(300, 2): the attacker MLP of :func:`sbssl.leakage.mlp_attacker` without its input BatchNorm
-  (their ``adv_mlp`` has none, their ``GenderClassifier`` has one). Their image-space variant (a U-Net mask,
-  ``ae_adv_*``) is left out.
+  (their ``adv_mlp`` has none, their ``GenderClassifier`` has one). Their layer names are off by one from
+  torchvision's: their ``conv4`` / ``conv5`` are the outputs of ``layer3`` / ``layer4``. Their code average-
+  pools the tap unless ``--no_avgpool`` (then flattened: the setting issue 12 cites as their best); here
+  the tap is flattened, and the pooled variant of ``layer4`` is the tap ``avgpool``. Their image-space
+  variant (a U-Net mask, ``ae_adv_*``) is left out.
 - **GroupDRO** (Sagawa et al., ICLR 2020, ``loss.py``): the per-group mean losses of a batch (0 for a group
   absent from it) update the group weights ``q <- q * exp(η * (loss_g + C / sqrt(n_g)))``, renormalised; the
   training loss is ``Σ_g q_g loss_g``. η = 0.01 and C = 0 are their defaults.
 - **ClusterFix** ("Pseudo-Labels Regularization for Unbiased Classification"): see :func:`cosine_kmeans`,
-  :func:`cluster_weights` and :func:`clusterfix_sample_weights`. The weight formula is their code's by
-  default; their README's (target + pseudo loss) is offered as ``variant="readme"``.
+  :func:`cluster_weights` and :func:`clusterfix_sample_weights`. Their repository was not available to this
+  implementation; it follows the description of their code and README in issue 12. Where that leaves a
+  choice: L_k is the mean over the cluster's samples *in the batch* and Σ L runs over the clusters present
+  in the batch, n_k and N count the whole training set; the momentum acts per sample (each training sample
+  keeps its last weight, starting at 1), the text saying "per-sample weights"; weights carry no gradient.
+  Their code and README disagree on L_k: the code's (the pseudo-head loss alone) is the default, the
+  README's (target + pseudo-head loss) is ``variant="readme"``. On colored-digits the code's weight
+  *lowers* the weight of a minority cluster, whose pseudo-label its colour makes easy (mean weight of the
+  red digits >= 5: 0.02 after 30 epochs, against 1.3 with the README's), as the measured trials found.
 """
 
 from __future__ import annotations
