@@ -92,7 +92,9 @@ def test_finished_folder_and_other_settings(digits, tmp_path: Path) -> None:
     assert list(debias_table([tmp_path / "metrics.json"])["method"]) == ["erm"]
 
 
-def test_settings_are_checked() -> None:
+def test_settings_are_checked(digits, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not 'waterbirds'"):
+        run_debias("waterbirds", "erm", 0, tmp_path, data=digits)
     with pytest.raises(ValueError, match="unknown debias option"):
         T.make_config("colored-digits", options={"learning_rate": 1})
     with pytest.raises(ValueError, match="adv_layer must be one of"):
