@@ -98,4 +98,4 @@ def test_plot_debias_draws_every_method_with_seed_dots(tmp_path: Path) -> None:
     assert len(dots) == 2 * 3  # worst-group and average dots per method
     bars = [p.get_height() for p in ax.patches]
     assert bars[0] == pytest.approx(0.2)  # erm's mean worst-group accuracy
-    assert "3-3 seeds" in caption
+    assert "(3 seeds per method)" in caption

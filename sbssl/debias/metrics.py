@@ -191,11 +191,12 @@ def plot_debias(runs: pd.DataFrame, *, methods: Sequence[str] | None = None) -> 
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("test accuracy")
         ax.set_title(dataset)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # beside the bars, never on them
     seeds = runs.groupby(["dataset", "method"])["seed"].nunique()
+    span = str(seeds.min()) if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
     caption = (
         "Test worst-group (red) and average (blue) accuracy per debiasing method, at the epoch with the best "
         "validation worst-group accuracy; bars: mean over seeds, error bars: ±1 sample std, dots: single seeds "
-        f"({seeds.min()}-{seeds.max()} seeds per method)."
+        f"({span} seeds per method)."
     )
     return fig, caption
