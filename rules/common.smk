@@ -131,6 +131,11 @@ def weights_definition(wildcards):
     return {key: definition[key] for key in ("source", "architecture", "weights") if key in definition}
 
 
+def only_names(names):
+    """A wildcard constraint matching exactly these names (none: matches nothing)."""
+    return "|".join(names) if names else "(?!)"
+
+
 # Hugging Face models are fetched as a folder (a hub snapshot), the others as one file.
 _PRETRAINED = [m for m, spec in ZOO.items() if spec.weights is not None]
 FOLDER_WEIGHTS = [m for m in _PRETRAINED if weights_path(ZOO[m], "pretrains").suffix != ".pth"]

@@ -8,11 +8,6 @@ localrules:
     fetch_weights_folder,
 
 
-def _only(models):
-    """A wildcard constraint matching exactly these model names (none: matches nothing)."""
-    return "|".join(models) if models else "(?!)"
-
-
 rule fetch_weights:
     output:
         "pretrains/{model}.pth",
@@ -20,7 +15,7 @@ rule fetch_weights:
         model=weights_definition,
         weights_lock=WEIGHTS_LOCK,
     wildcard_constraints:
-        model=_only(FILE_WEIGHTS),
+        model=only_names(FILE_WEIGHTS),
     log:
         "pretrains/logs/{model}.log",
     retries: 2
@@ -34,4 +29,4 @@ use rule fetch_weights as fetch_weights_folder with:
     output:
         directory("pretrains/{model}"),
     wildcard_constraints:
-        model=_only(FOLDER_WEIGHTS),
+        model=only_names(FOLDER_WEIGHTS),
