@@ -187,7 +187,7 @@ def test_one_forward_pass_per_batch_captures_all_six_layers(flat32, images):
         with h5py.File(folder / f"{layer}.h5") as f:
             assert f["embeddings"].shape == (3, c * h * w)
             assert f["embeddings"].dtype == np.float32  # the default: float16 shifts p-values
-            assert f["embeddings"].chunks[1] == c * h * w  # row-chunked
+            assert f["embeddings"].chunks[1] == min(c * h * w, 65_536)  # whole rows, or a row's column tiles
             assert f["embeddings"].compression == "lzf"
             assert [s.decode() for s in f["sha256"][()]] == [sha for sha, _ in images]
         assert report.bytes_on_disk[layer] == (folder / f"{layer}.h5").stat().st_size

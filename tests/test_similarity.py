@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import sbssl.similarity as similarity
+import sbssl.storage as storage
 from sbssl.provenance import provenance
 from sbssl.similarity import SimilarityMatrix, cosine_similarities, read_similarity, similarity_is_current
 from sbssl.storage import write_sha256
@@ -60,23 +61,52 @@ def test_equals_direct_float64_cosines_of_stored_values(embeddings, tmp_path):
     assert sim.attrs["code_digest"] != ATTRS["code_digest"]
 
 
-@pytest.mark.parametrize("block_rows", [1, 4, 7, 22, 100])
-def test_block_size_does_not_change_the_result(embeddings, tmp_path, block_rows):
+@pytest.mark.parametrize("band_columns", [1, 7, 64, 1000, 2999, 3000, 10_000])
+def test_band_width_does_not_change_the_result(embeddings, tmp_path, band_columns):
     path, values, _ = embeddings
     reference = read_similarity(cosine_similarities(path, tmp_path / "ref.h5")).matrix
-    blocked = read_similarity(cosine_similarities(path, tmp_path / "b.h5", block_rows=block_rows)).matrix
-    np.testing.assert_allclose(blocked, reference, rtol=0, atol=1e-14)
+    banded = read_similarity(cosine_similarities(path, tmp_path / "b.h5", band_columns=band_columns)).matrix
+    np.testing.assert_allclose(banded, reference, rtol=0, atol=1e-14)
+    np.testing.assert_array_equal(banded, banded.T)
 
 
 def test_column_slices_accumulate_exactly(embeddings, tmp_path, monkeypatch):
     path, values, _ = embeddings
-    # With 5-row blocks this budget gives 32-column float64 slices: ~94 partial products per block pair.
+    # 7-column float64 slices of 500-column bands: 430 partial products.
     monkeypatch.setattr(similarity, "_SLICE_BYTES", 8 * 7 * 23)
-    sim = read_similarity(cosine_similarities(path, tmp_path / "s.h5", block_rows=5)).matrix
+    sim = read_similarity(cosine_similarities(path, tmp_path / "s.h5", band_columns=500)).matrix
     np.testing.assert_allclose(sim, stored_cosines(values), rtol=0, atol=1e-12)
 
 
-def test_memory_stays_bounded_by_blocks(tmp_path):
+def test_tiled_and_whole_row_chunks_give_the_same_matrix(tmp_path, monkeypatch):
+    """Files written by create_embeddings (column tiles of wide rows) and by earlier sbssl (whole rows)."""
+    monkeypatch.setattr(storage, "CHUNK_COLUMNS", 256)
+    rng = np.random.default_rng(3)
+    values = np.maximum(rng.normal(size=(11, 1000)), 0).astype(np.float32)
+    hashes = write_embeddings(tmp_path / "rows.h5", values)
+    with h5py.File(tmp_path / "tiles.h5", "w") as f:
+        storage.create_embeddings(f, *values.shape, values.dtype)[...] = values
+        assert f["embeddings"].chunks == (1, 256)
+        write_sha256(f, hashes)
+        f.attrs.update(ATTRS)
+    tiled = read_similarity(cosine_similarities(tmp_path / "tiles.h5", tmp_path / "t.h5")).matrix
+    rows = read_similarity(cosine_similarities(tmp_path / "rows.h5", tmp_path / "r.h5")).matrix
+    np.testing.assert_allclose(tiled, stored_cosines(values), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(rows, tiled, rtol=0, atol=1e-14)
+
+
+def test_default_band_is_a_multiple_of_the_chunk_width_within_the_budget(monkeypatch):
+    monkeypatch.setattr(similarity, "DEFAULT_BAND_BYTES", 256 * 2**20)
+    # the iEAT images at layer1 in float32: 101,067 columns fit, 65,536 (one tile width) are taken
+    assert similarity._default_band(664, 802_816, 4, 65_536) == 65_536
+    assert similarity._default_band(664, 802_816, 2, 65_536) == 196_608  # float16: three tile widths
+    assert similarity._default_band(664, 2048, 4, 2048) == 2048  # a narrow layer: one band
+    assert similarity._default_band(664, 802_816, 4, 802_816) == 101_067  # whole-row chunks: the budget
+    assert similarity._default_band(100_000, 802_816, 4, 65_536) == 671  # many images: narrower than a tile
+    assert similarity._default_band(10**10, 10, 4, 10) == 1
+
+
+def test_memory_stays_bounded_by_bands(tmp_path):
     rng = np.random.default_rng(1)
     n, dim = 64, 100_000
     values = rng.random((n, dim), dtype=np.float32).astype(np.float16)
@@ -84,11 +114,12 @@ def test_memory_stays_bounded_by_blocks(tmp_path):
     write_embeddings(path, values)
     del values
     tracemalloc.start()
-    cosine_similarities(path, tmp_path / "big_sim.h5", block_rows=8)
+    cosine_similarities(path, tmp_path / "big_sim.h5", band_columns=20_000)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    # Loading everything as float64 would need n * dim * 8 = 51 MB; blocks of 8 rows need about a third.
-    assert peak < n * dim * 8 / 2, peak
+    # Loading everything as float64 would need n * dim * 8 = 51 MB; two float16 bands of 20,000 columns and
+    # one float64 slice of them need about 15 MB.
+    assert peak < n * dim * 8 / 3, peak
 
 
 def test_zero_norm_row_names_the_image(tmp_path):
