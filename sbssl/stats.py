@@ -434,7 +434,8 @@ def _blocks_from_embeddings(X: Any, Y: Any, A: Any, B: Any) -> tuple[np.ndarray,
 def _rows_and_norms(arr: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """(``arr`` as float64 (n, D), its row norms) when every row suits the fast cosine path, else None."""
     try:
-        rows = np.asarray(arr, dtype=np.float64)
+        # C order: the norms' summation order must not depend on the caller's layout (same input, same bytes)
+        rows = np.ascontiguousarray(arr, dtype=np.float64)
     except (TypeError, ValueError):
         return None
     if rows.ndim != 2 or 0 in rows.shape:

@@ -544,3 +544,12 @@ def test_similarity_errors():
     # NaN outside the blocks the test reads is irrelevant
     far = np.pad(sim, ((0, 1), (0, 1)), constant_values=np.nan)
     assert association_test_from_similarity(far, **ok).p_value == association_test_from_similarity(sim, **ok).p_value
+
+
+def test_memory_layout_does_not_change_the_bytes():
+    """The same values in C or Fortran order give bit-identical d, statistic and p (norms summed in one order)."""
+    rng = np.random.default_rng(5)
+    sets = [rng.standard_normal((n, 64)) for n in (6, 7, 8, 9)]
+    c_order = association_test(*sets, permutations=500, seed=1)
+    f_order = association_test(*[np.asfortranarray(s) for s in sets], permutations=500, seed=1)
+    assert c_order == f_order
