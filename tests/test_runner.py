@@ -208,3 +208,17 @@ def test_similarity_cache_reads_each_file_once_within_its_byte_budget(study, mon
     run_association_test(root / "s2.h5", root / "manifest.csv", TEST, seed=0, **RUN)
     assert [os.path.basename(p) for p in reads] == ["s1.h5", "s2.h5", "s3.h5", "s2.h5"]
     assert runner.SIMILARITY_CACHE_BYTES >= 90 * 664 * 664 * 8  # the full study's matrices
+
+
+def test_single_threaded_blas_limits_blas_once_per_process(monkeypatch):
+    import threadpoolctl
+
+    calls = []
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda *args, **kwargs: calls.append((args, kwargs)))
+    runner.single_threaded_blas.cache_clear()
+    try:
+        runner.single_threaded_blas()
+        runner.single_threaded_blas()
+        assert calls == [((1,), {"user_api": "blas"})]
+    finally:
+        runner.single_threaded_blas.cache_clear()

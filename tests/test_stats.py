@@ -411,6 +411,21 @@ def test_bootstrap_ci_is_seeded_and_brackets_d():
     assert ci.low < narrow.low < narrow.high < ci.high
 
 
+def test_bootstrap_ci_is_that_of_the_previous_implementation():
+    """Pinned from the implementation before the speed-ups of 2026-11: the same seed gives the same interval
+    (from a similarity matrix, to the last bit; from raw embeddings, whose cosines are now formed otherwise,
+    to 1e-12)."""
+    rng = np.random.default_rng(17)
+    emb = rng.normal(size=(16, 6))
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sets = np.arange(0, 4), np.arange(4, 9), np.arange(9, 12), np.arange(12, 16)
+    ci = effect_size_ci_from_similarity(unit @ unit.T, *sets, n_boot=2000, seed=3)
+    assert (ci.low, ci.high, ci.n_valid) == (-1.4843388311296997, 1.453988057108673, 2000)
+    raw = effect_size_ci(*_sets(16, n_x=8, n_y=8, shift=1.0), n_boot=2000, seed=3)
+    assert raw.low == pytest.approx(0.9319559426278786, abs=1e-12)
+    assert raw.high == pytest.approx(1.855158079904259, abs=1e-12)
+
+
 def test_resample_counts_count_each_rows_draws():
     counts = stats._resample_counts(np.random.default_rng(3), 5, 400)
     draws = np.random.default_rng(3).integers(0, 5, size=(400, 5))
