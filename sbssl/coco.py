@@ -56,8 +56,6 @@ every later fetch and use is checked against it, whichever of the two URLs is us
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
@@ -65,13 +63,13 @@ import shutil
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from sbssl.io import atomic_path, read_yaml, write_text_atomic
+from sbssl.io import atomic_path
+from sbssl.locks import exclusive, read_digest_lock, write_digest_lock
 from sbssl.leakage import LABEL_PREFIX, validate_annotations
 
 #: The official COCO 2014 train/val annotation archive, over https.
@@ -283,40 +281,15 @@ _LOCK_HEADER = """\
 
 
 def read_data_lock(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
-    """The data lock (YAML ``<name>: {url: ..., sha256: <64 hex>}``, the weights lock's format); ``{}`` if absent."""
-    file = Path(path)
-    if not file.exists():
-        return {}
-    data = read_yaml(file, "data lock")
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{file}: expected a mapping of archive name -> {{url, sha256}}")
-    for name, entry in data.items():
-        if not isinstance(entry, Mapping) or set(entry) != {"url", "sha256"}:
-            raise ValueError(f"{file}: entry {name!r}: expected exactly the keys ['sha256', 'url']")
-        if not (isinstance(entry["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
-            raise ValueError(f"{file}: entry {name!r}: sha256 {entry['sha256']!r} is not 64 lower-case hex digits")
-    return {str(k): {"url": str(v["url"]), "sha256": v["sha256"]} for k, v in data.items()}
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive flock on ``.<lock>.flock`` beside the lock: concurrent fetches serialise their writes."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path.with_name(f".{lock_path.name}.flock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """The data lock (:mod:`sbssl.locks` format, the weights lock's); ``{}`` if absent."""
+    return read_digest_lock(path, "data lock")
 
 
 def _record(lock_path: Path, name: str, url: str, sha256: str) -> None:
     """Add ``name``'s entry unless present (then it must agree): under the flock, re-read, merge, atomic rewrite."""
     from sbssl.download import HashMismatchError
 
-    with _exclusive(lock_path):
+    with exclusive(lock_path):
         entries = read_data_lock(lock_path)
         if name in entries:
             if entries[name]["sha256"] != sha256:
@@ -326,8 +299,7 @@ def _record(lock_path: Path, name: str, url: str, sha256: str) -> None:
                 )
             return
         entries[name] = {"url": url, "sha256": sha256}
-        body = yaml.safe_dump({k: entries[k] for k in sorted(entries)}, sort_keys=False, width=10_000)
-        write_text_atomic(lock_path, _LOCK_HEADER + body)
+        write_digest_lock(lock_path, entries, _LOCK_HEADER)
 
 
 def _extract(archive: Path, member: str, target: Path) -> Path:

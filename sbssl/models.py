@@ -18,8 +18,6 @@ pickle never runs code.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import os
@@ -27,11 +25,12 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
 from sbssl.io import read_yaml, write_text_atomic
+from sbssl.locks import exclusive
 
 if TYPE_CHECKING:  # torch is imported lazily: loading the zoo must stay cheap for the DAG and the figures
     import torch
@@ -383,18 +382,6 @@ def read_weights_lock(path: str | os.PathLike[str]) -> dict[str, LockedWeights]:
     return entries
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the sidecar ``.<lock>.flock`` (concurrent fetch jobs serialise here)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path.with_name(f".{lock_path.name}.flock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _checked_entry(definition: ModelDefinition, lock_path: Path, entry: LockedWeights | None) -> LockedWeights | None:
     """``entry`` after checking that it still describes the zoo's checkpoint: same URL, same full sha256."""
     weights = definition.weights
@@ -425,7 +412,7 @@ def _record(definition: ModelDefinition, lock_path: Path, sha256: str) -> None:
 
     weights = definition.weights
     assert weights is not None
-    with _exclusive(lock_path):
+    with exclusive(lock_path):
         entries = read_weights_lock(lock_path)
         present = _checked_entry(definition, lock_path, entries.get(definition.name))
         if present is not None:

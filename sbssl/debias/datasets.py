@@ -26,8 +26,6 @@ images) and resized to ``size``; both normalised with the ImageNet mean and std.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import tarfile
 from collections.abc import Iterator
@@ -38,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sbssl.io import read_yaml, write_text_atomic
+from sbssl.locks import exclusive, read_digest_lock, write_digest_lock
 
 DATASETS = ("colored-digits", "waterbirds", "celeba")
 SPLITS = ("train", "val", "test")
@@ -333,33 +331,9 @@ _LOCK_HEADER = """\
 """
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the sidecar ``.<lock>.flock`` (concurrent fetches serialise here)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path.with_name(f".{lock_path.name}.flock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def read_data_lock(path: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
-    """The data lock (YAML ``<name>: {url: ..., sha256: <64 hex>}``); ``{}`` when the file is absent."""
-    file = Path(path)
-    data = read_yaml(file, "data lock") if file.exists() else None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a mapping of data set name -> {{url, sha256}}")
-    for name, entry in data.items():
-        if not isinstance(entry, dict) or set(entry) != {"url", "sha256"}:
-            raise ValueError(f"{file}: entry {name!r} must have exactly the keys url and sha256")
-        digest = str(entry["sha256"])
-        if len(digest) != 64 or any(ch not in "0123456789abcdef" for ch in digest):
-            raise ValueError(f"{file}: entry {name!r}: sha256 must be 64 lower-case hex digits, got {digest!r}")
-    return data
+    """The data lock (:mod:`sbssl.locks` format); ``{}`` when the file is absent."""
+    return read_digest_lock(path, "data lock")
 
 
 def _locked_download(name: str, url: str, archive: Path, lock: Path, *, progress: bool) -> str:
@@ -367,7 +341,7 @@ def _locked_download(name: str, url: str, archive: Path, lock: Path, *, progress
     fetch; return the sha256. A present file with no lock entry is not trusted: it is fetched again."""
     from sbssl.download import download, file_digests
 
-    with _exclusive(lock):
+    with exclusive(lock):
         entry = read_data_lock(lock).get(name)
         if entry is not None and entry["url"] != url:
             raise ValueError(
@@ -380,10 +354,7 @@ def _locked_download(name: str, url: str, archive: Path, lock: Path, *, progress
         if entry is None:
             entries = read_data_lock(lock)
             entries[name] = {"url": url, "sha256": sha256}
-            import yaml
-
-            body = yaml.safe_dump({k: entries[k] for k in sorted(entries)}, sort_keys=False, width=10_000)
-            write_text_atomic(lock, _LOCK_HEADER + body)
+            write_digest_lock(lock, entries, _LOCK_HEADER)
         return sha256
 
 
