@@ -205,6 +205,10 @@ def main() -> None:
         "--tests-per-second", type=float, default=50.0,
         help="rate of the permutation stage for the projection (benchmarks/bench_dag.py; default: %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--vit", default="vit_large_patch14_clip_224",
+        help="timm ViT measured after the ResNet-50 by benchmarks/bench_backbones.py ('none' skips it; default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -259,6 +263,14 @@ def main() -> None:
     print(f"projected study     : {study_s / 60:7.1f} min on this machine ({emb['device']}): {STUDY_MODELS} models x "
           f"({embed_s:.0f} s embedding + {similarity_s:.0f} s similarities at {STUDY_IMAGES} images) + {STUDY_TESTS:,} "
           f"tests at {args.tests_per_second:g}/s ({tests_s:.0f} s); target on one H200-class GPU: < 10 min")  # fmt: skip
+    if args.vit != "none":  # a transformer too: full extraction vs bare forward and peak RSS, in its own process
+        print(f"\nViT ({args.vit}, its default layers, flatten; benchmarks/bench_backbones.py):", flush=True)
+        subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("bench_backbones.py")), "--architecture", args.vit,
+             "--limit", str(min(args.limit or 16, 64)), "--batch-size", str(min(args.batch_size, 8)),
+             "--threads", str(args.threads), "--device", args.device],
+            check=True,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
