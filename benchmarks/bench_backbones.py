@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_process import run_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,14 +129,8 @@ def _prepare(config: dict) -> dict:
 
 
 def _run_child(mode: str, config_path: Path) -> tuple[dict, float]:
-    """Run ``mode`` in a child process; return its figures and its peak RSS in MB."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", mode, "--config", str(config_path)],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"benchmark child failed with status {os.waitstatus_to_exitcode(status)}")
-    return json.loads(output.strip().splitlines()[-1]), usage.ru_maxrss / 1024  # Linux reports KiB
+    """Run ``mode`` of this script in a child process: its figures and its peak RSS in MB."""
+    return run_child(__file__, mode, config_path)
 
 
 def main() -> None:
