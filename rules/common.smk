@@ -41,7 +41,7 @@ def _check_names(kind, names, known, where):
     if unknown:
         raise WorkflowError(
             f"config key {kind!r} names {unknown}, which {where} does not define; "
-            f"known: {sorted(known) if not isinstance(known, tuple) else list(known)}"
+            f"known: {sorted(known)}"
         )
 
 
@@ -142,16 +142,6 @@ FOLDER_WEIGHTS = [m for m in _PRETRAINED if weights_path(ZOO[m], "pretrains").su
 FILE_WEIGHTS = [m for m in _PRETRAINED if m not in FOLDER_WEIGHTS]
 
 
-def embedding_definition(wildcards):
-    """Everything the embeddings of this job's model depend on, code included."""
-    return {"model": model_definition(wildcards), "embedding": EMBEDDING_DEFINITION, "code": code_digest("embed")}
-
-
-def similarity_definition(wildcards):
-    """The definition of the embedding job's outputs: the embeddings' and the similarity code."""
-    return {**embedding_definition(wildcards), "code": code_digest("similarity")}
-
-
 def test_sets(test):
     """A test's id and image sets: what defines its numbers (title and group are joined at table time)."""
     spec = CATALOGUE[test]
@@ -174,19 +164,6 @@ def control_definition():
         "tests": [test_sets(t) for t in CONTROL_TESTS],
         "seed": config["control"]["seed"],
     }
-
-
-def control_embedding_definition(wildcards):
-    # control_code: sbssl.control chooses the permuted images (kept beside the later stages' "code")
-    return {
-        **embedding_definition(wildcards),
-        "permutation": control_definition(),
-        "control_code": code_digest("control_embed"),
-    }
-
-
-def control_similarity_definition(wildcards):
-    return {**control_embedding_definition(wildcards), "code": code_digest("similarity")}
 
 
 def embedding_outputs(prefix):

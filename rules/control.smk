@@ -7,13 +7,13 @@ use rule embed_layers as control_embed_layers with:
         similarity=similarity_outputs(C),
         embeddings=embedding_outputs(C),
     params:
-        definition=control_similarity_definition,
         model=model_definition,
         root=stimuli_param,
         layers=model_layer_list,
         embedding=EMBEDDING_DEFINITION,
         weights_lock=WEIGHTS_LOCK,
         permutation=control_definition(),
+        code=code_digest("control_embed"),
     log:
         f"{C}/logs/embeddings/{{model}}.log",
     benchmark:

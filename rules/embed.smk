@@ -19,13 +19,13 @@ rule embed_layers:
         similarity=similarity_outputs(R),
         embeddings=embedding_outputs(R),
     params:
-        definition=similarity_definition,
         model=model_definition,
         root=stimuli_param,
         layers=model_layer_list,
         embedding=EMBEDDING_DEFINITION,
         weights_lock=WEIGHTS_LOCK,
         permutation=None,
+        code=code_digest("similarity"),  # the embedding and similarity code (sbssl.provenance)
     threads: 2
     resources:
         gpu=1,

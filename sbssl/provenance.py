@@ -27,8 +27,8 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "stimuli": (("stimuli", "demo"), ()),
     "weights": (("models", "download"), ()),
     "embed": (("embed",), ("stimuli", "weights")),
-    # the control branch's embeddings: sbssl.control picks the images whose input is permuted
-    "control_embed": (("embed", "control"), ("stimuli", "weights")),
+    # the control branch's embedding job: sbssl.control picks the images whose input is permuted
+    "control_embed": (("control",), ("similarity",)),
     "similarity": (("similarity",), ("embed",)),
     "test": (("runner",), ("similarity",)),
     "tables": (("per_test_table", "study"), ("test",)),
