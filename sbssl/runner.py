@@ -338,9 +338,10 @@ def record_association_test(
 
 
 @functools.cache
+@functools.cache
 def single_threaded_blas() -> None:
     """Run this process's BLAS on one thread from now on (threadpoolctl); the workflow's test jobs call it
-    (it acts once per process).
+    (it acts once per process: later calls return at once).
 
     Those jobs are threads of the Snakemake process and their matrix products are tiny: idle BLAS threads
     spinning beside the scheduler made the permutation stage about a third slower (benchmarks/bench_dag.py).
