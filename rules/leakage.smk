@@ -4,6 +4,8 @@
 # task (the classes = sub-folders of a folder the config names); then one table and one figure each, with
 # the iEAT bias count of that layer beside. sbssl.probes documents the probe.
 P = config["probes"]
+# What a probe's numbers depend on (not `threshold`, which only picks the bias count shown beside them).
+PROBE_SETTINGS = {k: P[k] for k in ("attribute", "groups", "task", "task_folder", "folds", "repeats", "permutations", "seed")}
 
 
 rule layer_probes:
@@ -13,7 +15,7 @@ rule layer_probes:
     output:
         f"{R}/probes/{{model}}/{{layer}}.json",
     params:
-        settings=P,
+        settings=PROBE_SETTINGS,
         code=code_digest("probes"),
         layer_file=layer_file,
     threads: 1
