@@ -189,6 +189,39 @@ def _cmd_balanced_subset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_value(text: str) -> tuple[str, object]:
+    """``key=value`` of ``--option``; the value is read as YAML (numbers, true/false, null, strings)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option takes key=value (a DebiasConfig field), got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def _cmd_debias(args: argparse.Namespace) -> int:
+    from sbssl.debias import run_debias
+
+    metrics = run_debias(
+        args.dataset, args.method, args.seed, args.out, data=args.data, epochs=args.epochs, device=args.device,
+        options=dict(args.option), num_workers=args.workers,
+    )  # fmt: skip
+    print(f"{args.out}/metrics.json: {args.method} on {args.dataset}, seed {args.seed}: test worst-group accuracy "
+          f"{metrics['worst_group_acc']:.3f}, average {metrics['avg_acc']:.3f} (epoch {metrics['best_epoch']} of "
+          f"{metrics['epochs']}, chosen by validation worst-group accuracy)")
+    if metrics["empty_groups"]:
+        print(f"groups without test samples (no accuracy): {', '.join(metrics['empty_groups'])}")
+    return 0
+
+
+def _cmd_fetch_waterbirds(args: argparse.Namespace) -> int:
+    from sbssl.debias import fetch_waterbirds
+    from sbssl.debias.datasets import WATERBIRDS_URL
+
+    print(fetch_waterbirds(args.dest, args.lock, url=args.url or WATERBIRDS_URL, progress=not args.quiet))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sbssl.backbones import MODEL_PREPROCESSING
     from sbssl.embed import PREPROCESSING
@@ -309,6 +342,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="ANN_alpha.csv to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the tie-breaks (default: %(default)s)")
     p.set_defaults(func=_cmd_balanced_subset)
+
+    p = sub.add_parser("debias", help="train one debiasing run (data set, method, seed): metrics.json and model.pt")
+    p.add_argument("--dataset", required=True, choices=["colored-digits", "waterbirds", "celeba"],
+                   help="colored-digits is embedded (no download); the others read --data")
+    p.add_argument("--method", required=True, choices=["erm", "groupdro", "adversarial", "clusterfix"])
+    p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+    p.add_argument("--out", required=True, help="run folder: metrics.json, model.pt (backbone weights only), heads.pt; "
+                   "checkpoint.pt while it runs (a rerun resumes from it)")
+    p.add_argument("--data", default=None, help="the data set's folder: Waterbirds' (with metadata.csv, see "
+                   "`sbssl fetch-waterbirds`), CelebA's (list_attr_celeba.txt, list_eval_partition.txt, img_align_celeba/)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the data set's (sbssl.debias.default_config)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    p.add_argument("--workers", type=int, default=0, help="image-decoding workers for file data sets (default: 0)")
+    p.add_argument("--option", type=_option_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting of sbssl.debias.DebiasConfig, e.g. adv_lambda=2 or cf_variant=readme "
+                   "(repeatable)")
+    p.set_defaults(func=_cmd_debias)
+
+    p = sub.add_parser("fetch-waterbirds", help="download the Waterbirds archive (sha256 locked on first fetch), extract it")
+    p.add_argument("--dest", default="data/waterbirds", help="folder for the archive and the data (default: %(default)s)")
+    p.add_argument("--lock", default="config/data.lock", help="data lock: the archive's sha256 (default: %(default)s)")
+    p.add_argument("--url", default=None, help="https:// or file:// address of the archive (default: "
+                   "sbssl.debias.datasets.WATERBIRDS_URL)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_fetch_waterbirds)
     return parser
 
 

@@ -35,31 +35,54 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "probes": (("probes",), ("similarity",)),
     # dataset and model leakage on annotation tables (COCO): no upstream stage of the audit
     "leakage": (("leakage", "coco"), ()),
+    # debiasing: one training run per (data set, method, seed); the table and figure over the runs; the
+    # before/after audit table of the debiased backbones (their embeddings and tests are the stages above)
+    "debias": (("debias.train",), ()),
+    "debias_tables": (("debias.metrics",), ("debias",)),
+    "debias_audit": (("debias.audit",), ("tables", "probes", "debias")),
 }
 
 
+def module_file(module: str) -> Path:
+    """The source file of ``sbssl.<module>``: ``a.b`` is ``a/b.py``, a package ``a`` is ``a/__init__.py``
+    (``__init__`` alone is the package ``sbssl`` itself)."""
+    path = PACKAGE_DIR.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def _is_module(name: str) -> bool:
+    return module_file(name).is_file()
+
+
 def _imports(module: str) -> set[str]:
-    """Names of the ``sbssl`` modules that ``sbssl.<module>`` imports anywhere in its source."""
-    tree = ast.parse((PACKAGE_DIR / f"{module}.py").read_text(encoding="utf-8"))
+    """Names (dotted below ``sbssl``) of the ``sbssl`` modules that ``sbssl.<module>`` imports anywhere in its
+    source, with the packages on the way: importing ``sbssl.a.b`` runs ``sbssl/a/__init__.py`` too."""
+    tree = ast.parse(module_file(module).read_text(encoding="utf-8"))
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             parts = node.module.split(".")
             if parts[0] == "sbssl":
-                if len(parts) > 1:
-                    found.add(parts[1])
-                else:  # from sbssl import X: X may be a module or a package attribute
-                    found.update(alias.name for alias in node.names)
+                base = ".".join(parts[1:])
+                if base:
+                    found.add(base)
+                # from sbssl[.pkg] import X: X may be a submodule or an attribute of the package
+                found.update(f"{base}.{alias.name}" if base else alias.name for alias in node.names)
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == "sbssl" and len(parts) > 1:
-                    found.add(parts[1])
-    return {name for name in found if (PACKAGE_DIR / f"{name}.py").is_file()}
+                    found.add(".".join(parts[1:]))
+    with_parents = set()
+    for name in found:
+        parts = name.split(".")
+        with_parents.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return {name for name in with_parents if _is_module(name)}
 
 
 def module_closure(entries: tuple[str, ...]) -> list[str]:
-    """The entry modules and every ``sbssl`` module they import, transitively; sorted names.
+    """The entry modules and every ``sbssl`` module they import, transitively; sorted dotted names (``a.b`` for
+    ``sbssl/a/b.py``, ``a`` for a package's ``__init__.py``).
 
     ``__init__`` is always included (it holds the version).
     """
@@ -69,7 +92,7 @@ def module_closure(entries: tuple[str, ...]) -> list[str]:
         name = todo.pop()
         if name in seen:
             continue
-        if not (PACKAGE_DIR / f"{name}.py").is_file():
+        if not _is_module(name):
             raise ValueError(f"sbssl has no module {name!r} (stage entry or import); see sbssl/provenance.py")
         seen.add(name)
         todo.extend(_imports(name) - seen)
@@ -86,7 +109,7 @@ def code_digest(stage: str) -> str:
     for name in upstream:
         digest.update(f"stage {name} {code_digest(name)}\n".encode())
     for name in module_closure(entries):
-        source = (PACKAGE_DIR / f"{name}.py").read_bytes()
+        source = module_file(name).read_bytes()
         digest.update(f"module {name} {len(source)}\n".encode())
         digest.update(source)
     return digest.hexdigest()[:16]

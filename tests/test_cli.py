@@ -12,7 +12,7 @@ from sbssl.cli import build_parser, main
 
 SUBCOMMANDS = [
     "manifest", "fetch-weights", "test-embeddings", "embed", "summarize", "leakage", "fetch-coco",
-    "coco-annotations", "balanced-subset",
+    "coco-annotations", "balanced-subset", "debias", "fetch-waterbirds",
 ]
 
 
@@ -191,3 +191,67 @@ def test_fetch_coco_refuses_http(tmp_path, capsys):
     rc = main(["fetch-coco", "--dest", str(tmp_path), "--lock", str(tmp_path / "data.lock"),
                "--url", "http://images.cocodataset.org/annotations/annotations_trainval2014.zip"])
     assert rc == 2 and "only https:// or file://" in capsys.readouterr().err
+
+
+def test_debias_choices_are_the_packages_data_sets_and_methods():
+    from sbssl.debias import DATASETS, METHODS
+
+    parser = build_parser()
+    debias = next(a for a in parser._subparsers._group_actions if a.choices).choices["debias"]
+    choices = {a.dest: a.choices for a in debias._actions if a.choices}
+    assert tuple(choices["dataset"]) == DATASETS and tuple(choices["method"]) == METHODS
+
+
+def test_debias_trains_writes_metrics_and_weights_and_resumes_as_finished(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "run"
+    argv = ["debias", "--dataset", "colored-digits", "--method", "erm", "--seed", "1", "--out", str(out),
+            "--epochs", "2", "--option", "aligned=0.8"]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["method"], metrics["seed"], metrics["epochs"]) == ("erm", 1, 2)
+    assert metrics["config"]["aligned"] == 0.8  # --option reaches the settings
+    assert len(metrics["group_acc"]) == 4  # (digit < 5, digit >= 5) x (red, green)
+    assert metrics["worst_group_acc"] == min(metrics["group_acc"].values())
+    assert f"worst-group accuracy {metrics['worst_group_acc']:.3f}" in capsys.readouterr().out
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert {"conv1.0.weight", "conv2.0.weight"} <= set(state) and not any(k.startswith("head") for k in state)
+    assert not (out / "checkpoint.pt").exists()
+    # the same settings again: the finished run's metrics, nothing retrained
+    assert main(argv) == 0 and json.loads((out / "metrics.json").read_text()) == metrics
+    # other settings in the same folder: refused, naming the file, the run kept
+    assert main([*argv[:-2], "--option", "aligned=0.7"]) == 2
+    assert "a finished run with other settings" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+
+def test_debias_bad_option_exits_2_naming_it(tmp_path, capsys):
+    rc = main(["debias", "--dataset", "colored-digits", "--method", "erm", "--out", str(tmp_path / "r"),
+               "--option", "adv_lamda=2"])
+    assert rc == 2 and "unknown debias option(s) ['adv_lamda']" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_fetch_waterbirds_verifies_a_local_archive(tmp_path, capsys):
+    import io
+    import tarfile
+
+    archive = tmp_path / "src" / "waterbirds.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        data = b"img_id,img_filename,y,split,place\n"
+        info = tarfile.TarInfo("waterbird_complete95_forest2water2/metadata.csv")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    lock = tmp_path / "data.lock"
+    argv = ["fetch-waterbirds", "--dest", str(tmp_path / "data"), "--lock", str(lock), "--url", archive.as_uri(), "--quiet"]
+    assert main(argv) == 0
+    folder = tmp_path / "data" / "waterbird_complete95_forest2water2"
+    assert (folder / "metadata.csv").read_bytes() == data and str(folder) in capsys.readouterr().out
+    assert "sha256" in lock.read_text()
+    # the archive changed after its first fetch: refused against the lock
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.addfile(tarfile.TarInfo("other"), io.BytesIO(b""))
+    (tmp_path / "data" / "waterbirds.tar.gz").unlink()
+    assert main(argv) == 2 and "sha256" in capsys.readouterr().err
