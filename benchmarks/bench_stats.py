@@ -12,16 +12,19 @@ computed in one call is reused by the next. Variants are timed in turns (one cal
 ``--repeat`` rounds), so the load of other processes on a shared machine hits all alike:
 
 - "python loop": one Python iteration per split over the very splits association_test uses
-  (``itertools.combinations``, or per split the documented draw of ``sbssl.stats.random_splits`` and its
-  Fisher-Yates swaps), so p must be identical: the script exits 1 otherwise. Targets: >= 20x (sampled).
+  (``itertools.combinations``, or per split the documented draw of ``sbssl.stats.random_splits``: at these
+  sizes the mask draw, raw 64-bit outputs until one has n_x of its low n bits set), so p must be identical:
+  the script exits 1 otherwise. Targets: >= 20x (sampled).
 - "numpy shuffle loop": the reference's loop (``rng.permutation`` per split): other splits, so p differs by
   Monte Carlo error.
 - "scipy permutation_test": ``scipy.stats.permutation_test`` on the same scores, vectorised, independent
   samples, 9,999 resamples, upper tail. Target: >= 30x (sampled).
 - with ``--baseline REV``: sbssl/stats.py of git revision REV (e.g. the code before a change), loaded from
-  git into a module of its own, on the same inputs and seeds: its p must be identical.
+  git into a module of its own, on the same inputs and seeds: its p must be identical (so REV must draw the
+  same splits: the sampled case took the Fisher-Yates draw before 2026-11-30, whose p differs).
 
-Also printed: where the sampled test's time goes (cosines, drawing the splits, summing them). The workflow
+Also printed: where the sampled test's time goes (cosines, drawing the splits as masks, summing them with
+the byte tables, building the tables included). The workflow
 runs one test per job and so shares no splits between tests; a caller running several tests of the same
 sizes with one seed could draw the splits once, which would save the "drawing" part only.
 BLAS runs single-threaded unless OPENBLAS_NUM_THREADS is set: the cosine products here are tiny, and on a
@@ -68,14 +71,14 @@ def loop_same_splits(X, Y, A, B, permutations: int, seed: int) -> float:
             hits += s[np.array(split)].sum() >= observed
             total += 1
         return hits / total
-    rng = np.random.default_rng(seed)
-    lows = np.arange(n_x)
+    assert stats._uses_masks(n, n_x), "the sampled cases here take the mask draw"
+    bitgen = np.random.default_rng(seed).bit_generator
+    keep = (1 << n) - 1
     hits = 1  # the observed split
     for _ in range(permutations - 1):
-        order = list(range(n))
-        for i, j in enumerate(rng.integers(lows, n).tolist()):
-            order[i], order[j] = order[j], order[i]
-        hits += s[order[:n_x]].sum() >= observed
+        while (w := int(bitgen.random_raw()) & keep).bit_count() != n_x:
+            pass
+        hits += s[[i for i in range(n) if w >> i & 1]].sum() >= observed
     return hits / permutations
 
 
@@ -132,17 +135,16 @@ def breakdown(X, Y, A, B, permutations: int, repeat: int) -> dict[str, float]:
     """Best times (s) of the sampled test's parts: cosines, drawing the splits, summing them."""
     ta, tb, n_x = stats._blocks_from_embeddings(X, Y, A, B)
     s = stats._scores(ta, tb)
-    splits = [x.copy() for x in stats._x_sides(s.size, n_x, permutations - 1, 1)]
+    masks = list(stats._split_masks(s.size, n_x, permutations - 1, 1))
 
     def summed():
-        for x_side in splits:
-            sums = s.take(x_side[0])
-            for row in x_side[1:]:
-                sums += s.take(row)
+        tables = stats._byte_tables(s)
+        for chunk in masks:
+            stats._mask_sums(tables, chunk)
 
     parts = {
         "cosines": lambda seed: stats._blocks_from_embeddings(X, Y, A, B),
-        "drawing the splits": lambda seed: list(stats._x_sides(s.size, n_x, permutations - 1, seed)),
+        "drawing the splits": lambda seed: list(stats._split_masks(s.size, n_x, permutations - 1, seed)),
         "summing the splits": lambda seed: summed(),
     }
     return {name: t for name, (t, _) in timed_rounds(parts, repeat).items()}

@@ -37,16 +37,24 @@ the dot product of the two rows over the product of their norms) and
 :func:`association_test_from_similarity` (index arrays into a precomputed cosine-similarity matrix; what
 the workflow uses). Nothing loops in Python per permutation: splits are generated in chunks (exact: a
 subset-sum dynamic programme, or ``itertools.combinations`` consumed by ``numpy.fromiter`` beyond
-``_DP_MAX_SPLITS``; sampled: :func:`random_splits`, a partial Fisher-Yates shuffle vectorised across
-splits on small integer indices, its draw computed from the generator's raw 32-bit outputs exactly as
-numpy's bounded draw does) and summed with numpy one X position at a time, so memory stays bounded and
-the same seed gives identical bytes. Nothing is cached across calls.
+``_DP_MAX_SPLITS``; sampled: :func:`random_splits`, either n-bit masks with n_x ones, rejection-sampled from
+the generator's raw 64-bit outputs and summed by one look-up per byte in tables of subset sums of s, or,
+where few n-bit patterns have n_x ones, a partial Fisher-Yates shuffle vectorised across splits on small
+integer indices, its draw computed from the generator's raw 32-bit outputs exactly as numpy's bounded draw
+does, summed one X position at a time), so memory stays bounded and the same seed gives identical bytes.
+Nothing is cached across calls.
 
 Change of 2026-11 (speed): the same seed gives the same splits as before, and the same p (each split's
 sum is now accumulated in another order, which only matters for a sum within a few ulps of the edge of
 the tie tolerance; none in 300 random designs, ties included, nor in the 117 published iEAT rows). The
 statistic and d of :func:`association_test` (raw embeddings) can differ from before in the last bits
 (about 1e-15): the cosines were formed from rescaled unit rows. tests/test_stats.py pins both.
+
+Change of 2026-11-30 (draw): sampled designs with n <= 64 and ``2**n <= n_x C(n, n_x)`` (e.g. 20 + 20)
+now take the mask draw of :func:`random_splits`, which gives other splits for the same seed than the
+Fisher-Yates draw they took before, so their p moves within Monte Carlo error (standard error at most 0.005
+at 10,000 permutations); the statistic and d are unchanged. Other designs give the same splits and p as
+before. tests/test_stats.py pins the new splits and p.
 """
 
 from __future__ import annotations
@@ -77,6 +85,8 @@ _DP_MAX_SPLITS = 1 << 22
 # one chunk for 10,000 splits of up to 52 images, about 3 MB at 40; fewer Python steps per split than smaller
 # chunks, which measured slower.
 _SPLIT_CHUNK_ELEMENTS = 1 << 19
+# Raw 64-bit outputs per round of the mask draw (1 MiB): one round for 10,000 splits of up to 64 images.
+_MASK_CHUNK_OUTPUTS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -335,17 +345,78 @@ def _x_sides(n: int, n_x: int, count: int, seed: int) -> Iterator[np.ndarray]:
         done += m
 
 
+def _uses_masks(n: int, n_x: int) -> bool:
+    """Whether splits of n targets with n_x in X are drawn as masks (:func:`random_splits`): n <= 64 and
+    ``2**n <= n_x * C(n, n_x)``. The mask draw spends ``2**n / C(n, n_x)`` raw outputs per split on average, the
+    Fisher-Yates draw n_x bounded draws and swaps, which cost about as much (measured: each draw is the faster
+    one on its side of this line, up to the cases near it)."""
+    return n <= 64 and 2**n <= n_x * math.comb(n, n_x)
+
+
+def _split_masks(n: int, n_x: int, count: int, seed: int) -> Iterator[np.ndarray]:
+    """The mask draw of :func:`random_splits`, chunk by chunk: uint64 arrays whose bit i is set when target i
+    is in X'. Each round draws enough outputs for the remaining splits in most cases (5% over the expected
+    number), at most ``_MASK_CHUNK_OUTPUTS``; the accepted outputs do not depend on how the stream is cut."""
+    bitgen = np.random.default_rng(seed).bit_generator
+    acceptance = math.comb(n, n_x) / 2**n
+    keep = np.uint64((1 << n) - 1)
+    done = 0
+    while done < count:
+        raw = bitgen.random_raw(min(_MASK_CHUNK_OUTPUTS, int((count - done) / acceptance * 1.05) + 64))
+        raw &= keep
+        masks = raw.compress(np.bitwise_count(raw) == n_x)[: count - done]
+        done += masks.size
+        if masks.size:
+            yield masks
+
+
+def _byte_tables(s: np.ndarray) -> np.ndarray:
+    """(ceil(n / 8), 256) float64 subset sums of ``s`` by byte: entry [b, v] is the sum of ``s[8 b + j]`` over
+    the set bits j of v, added in increasing j (entry [b, 0] = 0). Positions past n count as 0."""
+    padded = np.zeros((-(-s.size // 8), 8))
+    padded.reshape(-1)[: s.size] = s
+    tables = np.zeros((padded.shape[0], 256))
+    for j in range(8):
+        np.add(tables[:, : 1 << j], padded[:, j : j + 1], out=tables[:, 1 << j : 2 << j])
+    return tables
+
+
+def _mask_sums(tables: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """sum_X' s of each mask: one table look-up per byte of the mask, added byte 0 first."""
+    parts = np.asarray(masks, dtype="<u8").view(np.uint8).reshape(-1, 8)  # column b = bits 8b .. 8b + 7
+    sums = tables[0].take(parts[:, 0])
+    for b in range(1, tables.shape[0]):
+        sums += tables[b].take(parts[:, b])
+    return sums
+
+
 def random_splits(n: int, n_x: int, count: int, seed: int) -> Iterator[np.ndarray]:
     """X sides of ``count`` uniformly random splits of ``range(n)``, in chunks of shape (splits, n_x).
 
-    Split k is a partial Fisher-Yates shuffle of ``arange(n)``: with ``j = rng.integers(arange(n_x), n)``
-    (rng = ``numpy.random.default_rng(seed)``), swap positions i and j[i] for i = 0 .. n_x-1 and keep the
-    first n_x entries. The j of all splits in a chunk are drawn at once in row order, which consumes the
-    stream exactly as successive per-split draws do, so the result does not depend on the chunk size and
-    the first k splits are the same for any ``count`` >= k. The swaps run on every split of a chunk at
-    once: one Python step per X position, none per split. Indices have the smallest integer dtype that
-    holds n - 1 (int8 up to 128 images).
+    rng = ``numpy.random.default_rng(seed)``. Two draws, chosen by the sizes alone:
+
+    - mask draw, when n <= 64 and ``2**n <= n_x * C(n, n_x)`` (the expected number of outputs per split, 8 at
+      20 + 20 and 10 at 32 + 32, is at most n_x; e.g. 6 + 6, 20 + 20, 32 + 32, not |X| = 16 with |Y| = 24):
+      take the generator's
+      successive raw 64-bit outputs (``rng.bit_generator.random_raw()``, the same values as
+      ``rng.integers(0, 2**64, dtype=numpy.uint64)``), keep the low n bits, ``w = out & (2**n - 1)``, and
+      accept w when exactly n_x of its bits are set; the split's X side is the set bits' positions, in
+      increasing order. Rejection sampling from uniform bits makes every n_x-subset equally likely.
+    - Fisher-Yates draw otherwise: with ``j = rng.integers(arange(n_x), n)`` per split, swap positions i and
+      j[i] of ``arange(n)`` for i = 0 .. n_x-1 and keep the first n_x entries. The j of all splits in a chunk
+      are drawn at once in row order, which consumes the stream exactly as successive per-split draws do, and
+      the swaps run on every split of a chunk at once (one Python step per X position).
+
+    Either way the splits do not depend on the chunk size, and the first k splits are the same for any
+    ``count`` >= k. Indices have the smallest integer dtype that holds n - 1 (int8 up to 128 images).
     """
+    if _uses_masks(n, n_x):
+        dtype = _index_dtype(n)
+        positions = np.arange(n, dtype=np.uint64)
+        for masks in _split_masks(n, n_x, count, seed):
+            bits = (masks[:, None] >> positions) & np.uint64(1)
+            yield np.nonzero(bits)[1].astype(dtype).reshape(-1, n_x)
+        return
     for x_side in _x_sides(n, n_x, count, seed):
         yield x_side.T
 
@@ -353,8 +424,14 @@ def random_splits(n: int, n_x: int, count: int, seed: int) -> Iterator[np.ndarra
 def _random_split_sums(s: np.ndarray, n_x: int, count: int, seed: int) -> Iterator[np.ndarray]:
     """sum_X' s over the splits of :func:`random_splits` (``count`` of them, same seed), in chunks.
 
-    Each chunk's sums are accumulated one X position at a time: no (splits, n_x) array of floats is made.
+    Mask draw: one look-up per byte of each mask in the byte tables of ``s`` (:func:`_byte_tables`).
+    Fisher-Yates draw: accumulated one X position at a time. No (splits, n_x) array of floats is made.
     """
+    if _uses_masks(s.size, n_x):
+        tables = _byte_tables(s)
+        for masks in _split_masks(s.size, n_x, count, seed):
+            yield _mask_sums(tables, masks)
+        return
     for x_side in _x_sides(s.size, n_x, count, seed):
         sums = s.take(x_side[0])
         for row in x_side[1:]:

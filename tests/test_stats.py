@@ -274,18 +274,91 @@ def test_same_seed_identical_bytes_different_seed_differs():
     assert association_test(X, Y, A, B, seed=43).p_value != one.p_value
 
 
-def test_sampled_p_counts_the_documented_random_splits():
-    X, Y, A, B = _sets(15, n_x=9, n_y=9, shift=0.2)
+@pytest.mark.parametrize("n_x,n_y,masks", [(9, 9, True), (7, 11, False), (20, 20, True), (16, 24, False)])
+def test_sampled_p_counts_the_documented_random_splits(n_x, n_y, masks):
+    """p is the share of the very splits of random_splits, summed one split at a time, for either draw."""
+    assert stats._uses_masks(n_x + n_y, n_x) == masks
+    X, Y, A, B = _sets(15, n_x=n_x, n_y=n_y, shift=0.2)
     res = association_test(X, Y, A, B, permutations=3_000, seed=7)
     s = stats._scores(*stats._blocks_from_embeddings(X, Y, A, B)[:2])
-    observed = s[:9].sum()
-    splits = np.concatenate(list(stats.random_splits(18, 9, 2_999, seed=7)))
-    assert splits.shape == (2_999, 9)
+    observed = s[:n_x].sum()
+    splits = np.concatenate(list(stats.random_splits(n_x + n_y, n_x, 2_999, seed=7)))
+    assert splits.shape == (2_999, n_x)
     hits = 1 + sum(s[split].sum() >= observed for split in splits)
     assert res.p_value == hits / 3_000
 
 
+def test_mask_draw_is_used_where_it_needs_at_most_n_x_outputs_per_split():
+    assert [stats._uses_masks(*design) for design in [(12, 6), (18, 9), (40, 20), (40, 24), (64, 32)]] == [True] * 5
+    # 2**40 / C(40, 16) = 17.5 outputs per split > 16; 65 bits do not fit one output; 2**4 / C(4, 2) > 2
+    assert [stats._uses_masks(*design) for design in [(40, 16), (64, 24), (65, 32), (4, 2), (11, 4)]] == [False] * 5
+
+
+def _mask_draw_loop(n: int, n_x: int, count: int, seed: int) -> list[list[int]]:
+    """The mask draw as documented, one 64-bit output at a time (numpy's own call, not random_raw)."""
+    rng = np.random.default_rng(seed)
+    splits = []
+    while len(splits) < count:
+        w = int(rng.integers(0, 2**64, dtype=np.uint64)) & ((1 << n) - 1)
+        if w.bit_count() == n_x:
+            splits.append([i for i in range(n) if w >> i & 1])
+    return splits
+
+
+@pytest.mark.parametrize("n,n_x,count", [(40, 20, 300), (12, 6, 500), (13, 7, 200), (64, 32, 40), (50, 26, 60)])
+def test_random_splits_follow_the_documented_mask_draw(n, n_x, count):
+    assert stats._uses_masks(n, n_x)
+    got = np.concatenate(list(stats.random_splits(n, n_x, count, seed=n)))
+    assert got.dtype == np.int8 and got.tolist() == _mask_draw_loop(n, n_x, count, seed=n)
+
+
+def test_mask_draw_is_uniform_seeded_and_chunk_invariant(monkeypatch):
+    assert stats._uses_masks(8, 4)
+    splits = np.concatenate(list(stats.random_splits(8, 4, 70_000, seed=1)))
+    assert splits.shape == (70_000, 4) and (np.diff(splits, axis=1) > 0).all()  # distinct, increasing
+    counts = np.unique(splits, axis=0, return_counts=True)[1]
+    assert counts.size == 70  # all C(8, 4) subsets, equally often
+    assert np.abs(counts - 1_000).max() < 5 * math.sqrt(1_000)
+    assert not (np.concatenate(list(stats.random_splits(8, 4, 70_000, seed=2))) == splits).all()
+    monkeypatch.setattr(stats, "_MASK_CHUNK_OUTPUTS", 1_001)  # many rounds, each cutting the stream anywhere
+    chunks = list(stats.random_splits(8, 4, 70_000, seed=1))
+    assert len(chunks) > 1 and (np.concatenate(chunks) == splits).all()
+    assert (np.concatenate(list(stats.random_splits(8, 4, 100, seed=1))) == splits[:100]).all()
+    sums = np.concatenate(list(stats._random_split_sums(np.arange(8.0), 4, 70_000, seed=1)))
+    assert (sums == splits.sum(axis=1)).all()  # integers: exact in any order
+
+
+def test_byte_tables_hold_every_subset_sum_of_each_byte():
+    s = np.random.default_rng(23).normal(size=13)
+    tables = stats._byte_tables(s)
+    assert tables.shape == (2, 256)
+    for v in (0, 1, 0b10110101, 255):
+        bits = [j for j in range(8) if v >> j & 1]
+        assert tables[0, v] == sum((s[j] for j in bits), 0.0)  # added in increasing j, as documented
+        assert tables[1, v] == sum((s[8 + j] for j in bits if 8 + j < 13), 0.0)  # past n: 0
+    masks = np.array([0b1_0000_0000_0001, 0b1_1111_1111_1111, 0], dtype=np.uint64)
+    np.testing.assert_allclose(stats._mask_sums(tables, masks), [s[0] + s[12], s.sum(), 0.0], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+def test_mask_draw_p_agrees_with_scipy_permutation_test(alternative):
+    """Other splits than scipy's, so within Monte Carlo error: two independent estimates of p from 10,000."""
+    from scipy import stats as scipy_stats
+
+    X, Y, A, B = _sets(24, n_x=20, n_y=20, n_a=25, n_b=25, dim=32, shift=0.15)
+    ours = association_test(X, Y, A, B, seed=5, alternative=alternative).p_value
+    s = stats._scores(*stats._blocks_from_embeddings(X, Y, A, B)[:2])
+    theirs = scipy_stats.permutation_test(
+        (s[:20], s[20:]), lambda x, y, axis: x.sum(axis=axis) - y.sum(axis=axis), vectorized=True,
+        n_resamples=9_999, permutation_type="independent", alternative=alternative, rng=5,
+    ).pvalue  # fmt: skip
+    assert 0.1 < theirs < 0.9  # away from 0 and 1, where Monte Carlo error is large
+    se = math.sqrt(theirs * (1 - theirs) / 10_000) * (2 if alternative == "two-sided" else 1)
+    assert abs(ours - theirs) < 4 * math.sqrt(2) * se
+
+
 def test_random_splits_are_uniform_seeded_and_chunk_invariant(monkeypatch):
+    assert not stats._uses_masks(5, 2)  # the Fisher-Yates draw
     splits = np.concatenate(list(stats.random_splits(5, 2, 30_000, seed=1)))
     assert splits.shape == (30_000, 2) and (splits[:, 0] != splits[:, 1]).all()
     counts = np.unique(np.sort(splits, axis=1), axis=0, return_counts=True)[1]
@@ -299,6 +372,7 @@ def test_random_splits_are_uniform_seeded_and_chunk_invariant(monkeypatch):
 
 
 def test_random_splits_follow_the_documented_per_split_draw():
+    assert not stats._uses_masks(11, 4)  # the Fisher-Yates draw
     rng = np.random.default_rng(9)
     expected = []
     for _ in range(200):
@@ -309,25 +383,39 @@ def test_random_splits_follow_the_documented_per_split_draw():
     assert (np.concatenate(list(stats.random_splits(11, 4, 200, seed=9))) == np.array(expected)).all()
 
 
-def test_random_splits_and_p_are_those_of_the_previous_implementation():
-    """Pinned from the implementation before the draw was vectorised (sbssl 2026-11, one numpy call per
-    chunk for j): the same seed gives the same splits and the same p."""
-    first = np.concatenate(list(stats.random_splits(40, 20, 3, seed=1)))
-    assert first.tolist() == [
-        [18, 20, 30, 38, 5, 10, 33, 3, 15, 0, 36, 23, 19, 35, 1, 25, 31, 29, 12, 9],
-        [34, 30, 33, 22, 2, 16, 21, 4, 11, 18, 13, 24, 39, 5, 23, 25, 37, 6, 29, 8],
-        [0, 30, 4, 13, 21, 2, 9, 39, 31, 38, 12, 32, 20, 27, 6, 5, 33, 10, 25, 7],
-    ]
+def test_fisher_yates_designs_keep_the_splits_and_p_of_the_previous_implementation():
+    """Pinned from the implementation before the mask draw (sbssl 2026-11): designs that keep the
+    Fisher-Yates draw (here n > 64, and 16 + 24) give the same splits and the same p for the same seed."""
     wide = np.concatenate(list(stats.random_splits(300, 4, 2, seed=5)))
     assert wide.tolist() == [[201, 241, 8, 242], [140, 155, 189, 87]] and wide.dtype == np.int16
+    assert np.concatenate(list(stats.random_splits(40, 16, 1, seed=1))).tolist() == [
+        [18, 20, 30, 38, 5, 10, 33, 3, 15, 0, 36, 23, 19, 35, 1, 25]
+    ]
+    X, Y, A, B = _sets(17, 16, 24, 25, 25, 64, 0.1)
+    res = association_test(X, Y, A, B, seed=42)
+    assert (res.p_value, res.statistic, res.effect_size) == (0.0237, 0.45184804524647276, 0.6535263550443589)
+    assert association_test(X, Y, A, B, seed=0, alternative="two-sided").p_value == 0.044
+    assert association_test(X, Y, A, B, seed=7, alternative="less").p_value == 0.9781
+
+
+def test_mask_draw_splits_and_p_are_pinned():
+    """Pinned at the change to the mask draw (2026-11-30): the same seed gives these splits and p from now on.
+    The statistic and d are those of before the change (the draw does not touch them)."""
+    first = np.concatenate(list(stats.random_splits(40, 20, 3, seed=1)))
+    assert first.tolist() == [
+        [2, 5, 8, 10, 11, 13, 14, 17, 18, 19, 21, 22, 23, 24, 26, 30, 32, 33, 36, 37],
+        [2, 3, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 20, 23, 31, 33, 36, 39],
+        [0, 3, 4, 5, 7, 8, 9, 10, 14, 19, 22, 23, 26, 27, 29, 30, 31, 32, 35, 39],
+    ]
     assert first.dtype == np.int8
     pinned = {
-        (14, 12, 12, 5, 7, 16, 0.3): (0.0454, 0.0904, 0.9547, 0.9470484570402982, 0.6940159385477719),
-        (15, 20, 20, 25, 25, 64, 0.05): (0.5544, 0.8736, 0.4519, -0.038401639006886035, -0.04441508267080678),
-        (16, 9, 11, 4, 6, 8, 0.0): (0.2955, 0.5828, 0.7015, 0.46454452320198436, 0.2450161609667919),
+        (14, 12, 12, 5, 7, 16, 0.3): (0.0455, 0.0812, 0.9558, 0.9470484570402982, 0.6940159385477719),
+        (15, 20, 20, 25, 25, 64, 0.05): (0.5482, 0.8912, 0.4387, -0.038401639006886035, -0.04441508267080678),
+        (16, 9, 11, 4, 6, 8, 0.0): (0.3023, 0.5916, 0.7072, 0.46454452320198436, 0.2450161609667919),
     }
     for args, (greater, two, less, statistic, d) in pinned.items():
         X, Y, A, B = _sets(*args)
+        assert stats._uses_masks(args[1] + args[2], args[1])
         res = association_test(X, Y, A, B, seed=42)
         assert res.p_value == greater
         assert association_test(X, Y, A, B, seed=0, alternative="two-sided").p_value == two
