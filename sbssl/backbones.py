@@ -15,6 +15,10 @@ the library's own image transform (preprocessing ``model``):
 - ``open_clip``: the image tower (``.visual``) of ``open_clip.create_model(architecture, pretrained=None)``;
   checkpoints are open_clip state dicts of the whole CLIP model (``visual.*`` keys kept) or of the tower;
   ``model`` transform = open_clip's evaluation preprocess of the architecture.
+- ``sbssl``: the networks of :mod:`sbssl.networks` (``small_cnn``: the debiasing branch's colored-digits
+  network); checkpoints are flat state dicts (format ``state_dict``, what ``sbssl debias`` writes as
+  ``model.pt``); ``model`` transform (its default) = the image box-resized to the 8 x 8 training size, RGB in
+  [0, 1] (as the training images); default layers ``conv1``, ``conv2``, ``pool``.
 - ``huggingface``: ``transformers.AutoModel`` from a model folder (``config.json`` + weights): the fetched
   weights folder, or for a random model the ``architecture`` folder; ``model`` transform = the folder's
   image processor. MAE checkpoints (``vit_mae``) are built as a plain ``ViTModel``: ``ViTMAEModel`` drops
@@ -544,12 +548,47 @@ def _hf_example(_definition: ModelDefinition, module: nn.Module) -> torch.Tensor
     return _image_example(getattr(config, "image_size", 224))
 
 
+def _sbssl_make(definition: ModelDefinition, _folder: Path | None) -> nn.Module:
+    from sbssl.networks import ARCHITECTURES
+
+    try:
+        return ARCHITECTURES[definition.architecture]()
+    except KeyError:
+        raise ValueError(f"model {definition.name!r}: sbssl has no network {definition.architecture!r}; "
+                         f"known: {sorted(ARCHITECTURES)}") from None
+
+
+def _sbssl_load(definition: ModelDefinition, path: Path) -> nn.Module:
+    assert definition.weights is not None
+    state = load_checkpoint(path, definition.weights.format)
+    return _load_state(functools.partial(_sbssl_make, definition, None), state, (),
+                       what=f"sbssl {definition.architecture}", definition=definition, path=path)
+
+
+def _sbssl_transform(_definition: ModelDefinition, _module: nn.Module, _folder: Path | None) -> Transform:
+    from sbssl.networks import SMALL_CNN_INPUT
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        # as the training images: RGB in [0, 1] at the training size (each pixel the mean of its area)
+        small = image.resize((SMALL_CNN_INPUT, SMALL_CNN_INPUT), Image.Resampling.BOX)
+        return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+    return transform
+
+
+def _sbssl_example(_definition: ModelDefinition, _module: nn.Module) -> torch.Tensor:
+    from sbssl.networks import SMALL_CNN_INPUT
+
+    return _image_example(SMALL_CNN_INPUT)
+
+
 #: source -> its registry entry. A new library is one entry here (and its name in sbssl.models.SOURCES).
 REGISTRY: dict[str, Source] = {
     "torchvision": Source(_torchvision_make, _torchvision_load, _torchvision_transform, _torchvision_example),
     "timm": Source(_timm_make, _timm_load, _timm_transform, _timm_example),
     "open_clip": Source(_open_clip_make, _open_clip_load, _open_clip_transform, _open_clip_example),
     "huggingface": Source(_hf_make, _hf_load, _hf_transform, _hf_example),
+    "sbssl": Source(_sbssl_make, _sbssl_load, _sbssl_transform, _sbssl_example),
 }
 
 
@@ -732,7 +771,12 @@ def _skeleton_trace(definition: ModelDefinition, config_dir: Path | None) -> tup
     with torch.device("meta"):
         module = source.make(definition, config_dir)
     trace = _trace_module(definition, module)
-    if trace.kind == "resnet":
+    if definition.source == "sbssl":
+        from sbssl.networks import LAYERS
+
+        titles = {"conv1": "Conv 1", "conv2": "Conv 2", "pool": "GAP"}
+        layers = tuple(DefaultLayer(slug, m, titles.get(slug, slug)) for slug, m in LAYERS[definition.architecture])
+    elif trace.kind == "resnet":
         titles = ("Block 1", "Block 2", "Block 3", "Block 4", "Block 5", "GAP")
         layers = tuple(DefaultLayer(m, m, t) for m, t in zip(RESNET_LAYERS, titles))
     elif trace.kind == "imagegpt":

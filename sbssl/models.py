@@ -39,19 +39,20 @@ if TYPE_CHECKING:  # torch is imported lazily: loading the zoo must stay cheap f
 FAMILIES = ("geometric", "clustering", "contrastive", "masked_modeling", "autoregressive", "supervised", "random")
 META_GROUPS = ("contrastive", "non_contrastive")
 #: Model libraries (entries of sbssl.backbones.REGISTRY); ``torchvision`` when an entry names none.
-SOURCES = ("torchvision", "timm", "open_clip", "huggingface")
+SOURCES = ("torchvision", "timm", "open_clip", "huggingface", "sbssl")
 DEFAULT_SOURCE = "torchvision"
 #: Checkpoint layouts of the SSL ResNet-50 libraries that :func:`convert_checkpoint` turns into torchvision's.
 RESNET_FORMATS = ("mmselfsup", "openselfsup", "vissl", "vissl_converted", "torchvision", "moco", "swav")
 #: Every checkpoint format: the ResNet layouts, and each library's own key layout (a Hugging Face model is a
 #: folder: config.json and weights).
-FORMATS = (*RESNET_FORMATS, "timm", "open_clip", "huggingface")
+FORMATS = (*RESNET_FORMATS, "timm", "open_clip", "huggingface", "state_dict")
 #: Formats each source accepts.
 SOURCE_FORMATS = {
     "torchvision": RESNET_FORMATS,
     "timm": ("timm",),
     "open_clip": ("open_clip",),
     "huggingface": ("huggingface",),
+    "sbssl": ("state_dict",),
 }
 #: How a layer's output becomes one row per image (sbssl.backbones.pool_output).
 POOLINGS = ("flatten", "mean", "cls", "tokens_mean", "patch_mean")
@@ -686,6 +687,7 @@ def convert_checkpoint(obj: Any, fmt: str) -> dict[str, "torch.Tensor"]:
     - ``swav``: official SwAV, flat (or under ``'state_dict'``) ``module.*`` keys; ``projection_head.*`` and
       ``prototypes.*`` dropped.
 
+    - ``state_dict``: a flat state dict of an :mod:`sbssl.networks` network (what ``sbssl debias`` writes).
     - ``timm``, ``open_clip``: a state dict in the library's own key layout, flat or under ``'state_dict'``
       (timm's training checkpoints; ``'state_dict_ema'`` and optimiser state are ignored).
 
@@ -694,7 +696,7 @@ def convert_checkpoint(obj: Any, fmt: str) -> dict[str, "torch.Tensor"]:
     """
     import torch
 
-    if fmt in ("mmselfsup", "openselfsup", "torchvision", "swav", "timm", "open_clip"):
+    if fmt in ("mmselfsup", "openselfsup", "torchvision", "swav", "timm", "open_clip", "state_dict"):
         state = obj["state_dict"] if isinstance(obj, Mapping) and "state_dict" in obj else obj
     elif fmt == "vissl":
         state = _get(obj, ("classy_state_dict", "base_model", "model", "trunk"), fmt)

@@ -251,6 +251,33 @@ def test_checkpoints_in_the_library_layout_load_strictly(source, architecture, f
         build_backbone(bad_spec, bad)
 
 
+def test_sbssl_small_cnn_from_a_debias_checkpoint(stimuli, tmp_path):
+    from sbssl.networks import SmallCNN
+
+    torch.manual_seed(4)
+    trained = SmallCNN().eval()
+    file = tmp_path / "model.pt"
+    torch.save(trained.state_dict(), file)  # what `sbssl debias` writes: the backbone's flat state dict
+    spec = _spec("debiased", "sbssl", "small_cnn", seed=None, weights=WeightsSpec(file.as_uri(), "state_dict", sha256=_sha(file)))
+    assert model_layer_slugs(spec) == ["conv1", "conv2", "pool"]
+    assert embedding_settings(spec) == ("flatten", "model")
+    lock = tmp_path / "weights.lock"
+    rows = _pipeline(spec, file, stimuli, tmp_path, ["conv1", "pool"], lock=lock)
+    # the model's transform is the training images' form: 8 x 8 box-averaged RGB in [0, 1]
+    images = _images(stimuli)
+    x = torch.stack([
+        torch.from_numpy(np.asarray(load_image(p).resize((8, 8), Image.Resampling.BOX), dtype=np.float32) / 255)
+        .permute(2, 0, 1) for _, p in images
+    ])  # fmt: skip
+    with torch.inference_mode():
+        taps = trained(x)
+    np.testing.assert_allclose(rows["conv1"], taps["conv1"].flatten(1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows["pool"], taps["pool"].numpy(), rtol=1e-5, atol=1e-6)
+    assert rows["conv1"].shape == (8, 32 * 8 * 8)
+    with pytest.raises(ValueError, match="sbssl has no network 'big_cnn'"):
+        build_backbone(_spec("x", "sbssl", "big_cnn"))
+
+
 def test_torchvision_classifier_absent_from_the_checkpoint_is_seeded(tmp_path):
     original = build_backbone(_spec("src", "torchvision", "convnext_tiny", seed=5)).module.state_dict()
     file = tmp_path / "backbone.pth"
