@@ -85,7 +85,8 @@ _DP_MAX_SPLITS = 1 << 22
 # one chunk for 10,000 splits of up to 52 images, about 3 MB at 40; fewer Python steps per split than smaller
 # chunks, which measured slower.
 _SPLIT_CHUNK_ELEMENTS = 1 << 19
-# Raw 64-bit outputs per round of the mask draw (1 MiB): one round for 10,000 splits of up to 64 images.
+# Raw 64-bit outputs per round of the mask draw (1 MiB): one round for 10,000 splits wherever a split needs
+# at most 12 outputs on average (8 at 20 + 20, 10 at 32 + 32).
 _MASK_CHUNK_OUTPUTS = 1 << 17
 
 
@@ -323,7 +324,8 @@ def _index_dtype(n: int) -> type[np.signedinteger]:
 
 
 def _x_sides(n: int, n_x: int, count: int, seed: int) -> Iterator[np.ndarray]:
-    """The splits of :func:`random_splits`, chunk by chunk, transposed: (n_x, splits) arrays, column k = split k."""
+    """The Fisher-Yates draw of :func:`random_splits`, chunk by chunk, transposed: (n_x, splits) arrays, column
+    k = split k."""
     rng = np.random.default_rng(seed)
     dtype = _index_dtype(n)
     identity = np.arange(n, dtype=dtype)[:, None]
@@ -382,7 +384,8 @@ def _byte_tables(s: np.ndarray) -> np.ndarray:
 
 
 def _mask_sums(tables: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """sum_X' s of each mask: one table look-up per byte of the mask, added byte 0 first."""
+    """sum_X' s of each mask, (m,) float64 from (m,) uint64 masks and the :func:`_byte_tables` of s: one table
+    look-up per byte of the mask, added byte 0 first."""
     parts = np.asarray(masks, dtype="<u8").view(np.uint8).reshape(-1, 8)  # column b = bits 8b .. 8b + 7
     sums = tables[0].take(parts[:, 0])
     for b in range(1, tables.shape[0]):
