@@ -3,7 +3,8 @@ float64 Gram matrix product of the same size.
 
 The input is SYNTHETIC: ``--images`` x ``--dim`` (default 664 x 802,816, the iEAT images at layer1 flattened)
 ReLU-like float32 values (max(0, N(0, 1)), about half zeros, as after a ReLU), written in sbssl's embeddings
-format (sbssl.storage: row chunks, LZF) to a temporary folder. Each measurement runs in its own child process;
+format (sbssl.storage.create_embeddings: a row's column tiles, LZ4) to a temporary folder; ``--lzf`` writes the
+format of sbssl before 2026-11-30 instead (same chunks, LZF), which sbssl still reads. Each measurement runs in its own child process;
 its peak RSS is the child's ru_maxrss (wait4):
 
 - ``cosine_similarities``: the similarity job's work on that file (read, decompress, blockwise float64
@@ -35,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def write_input(path: Path, n: int, dim: int, seed: int = 0) -> None:
-    """Synthetic ReLU-like float32 embeddings in sbssl's format, written a few rows at a time."""
+def write_input(path: Path, n: int, dim: int, *, lzf: bool = False, seed: int = 0) -> None:
+    """Synthetic ReLU-like float32 embeddings in sbssl's format (or its LZF predecessor), a few rows at a time."""
     import h5py
 
     from sbssl.storage import create_embeddings, write_sha256
@@ -44,6 +45,9 @@ def write_input(path: Path, n: int, dim: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     with h5py.File(path, "w") as f:
         dataset = create_embeddings(f, n, dim, np.float32)
+        if lzf:
+            del f["embeddings"]
+            dataset = f.create_dataset("embeddings", dataset.shape, np.float32, chunks=dataset.chunks, compression="lzf")
         step = max(1, (64 << 20) // (dim * 4))
         for r0 in range(0, n, step):
             rows = rng.standard_normal((min(step, n - r0), dim), dtype=np.float32)
@@ -54,6 +58,8 @@ def write_input(path: Path, n: int, dim: int, seed: int = 0) -> None:
 
 
 def _child(mode: str, work: Path) -> dict:
+    from sbssl.storage import open_embeddings  # also registers the LZ4 filter for h5py
+
     if mode == "sbssl":
         from sbssl.similarity import cosine_similarities, read_similarity
 
@@ -62,11 +68,9 @@ def _child(mode: str, work: Path) -> dict:
         seconds = time.perf_counter() - start
         np.save(work / "sbssl.npy", read_similarity(work / "similarity.h5").matrix)
         return {"seconds": seconds, **_parts(work / "embeddings.h5")}
-    import h5py
-
     start = time.perf_counter()
-    with h5py.File(work / "embeddings.h5", "r") as f:
-        values = f["embeddings"][()].astype(np.float64)
+    with open_embeddings(work / "embeddings.h5") as (emb, _):
+        values = emb[()].astype(np.float64)
     read_seconds = time.perf_counter() - start
     start = time.perf_counter()
     gram = values @ values.T
@@ -77,7 +81,7 @@ def _child(mode: str, work: Path) -> dict:
 
 
 def _parts(path: Path) -> dict[str, float]:
-    """The two halves of cosine_similarities alone: reading (LZF decompression) of every band, and the float64
+    """The two halves of cosine_similarities alone: reading (decompression) of every band, and the float64
     slice products of one band repeated as often as there are bands (same shapes, same work)."""
     import h5py
 
@@ -118,6 +122,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=664)
     parser.add_argument("--dim", type=int, default=802_816)
+    parser.add_argument("--lzf", action="store_true", help="input in the LZF format of sbssl before 2026-11-30")
     parser.add_argument("--work", type=Path, help="folder for the temporary files (default: the system's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -128,7 +133,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_similarity.", dir=args.work) as tmp:
         work = Path(tmp)
         start = time.perf_counter()
-        write_input(work / "embeddings.h5", args.images, args.dim)
+        write_input(work / "embeddings.h5", args.images, args.dim, lzf=args.lzf)
         made = time.perf_counter() - start
         size = (work / "embeddings.h5").stat().st_size
         ours, ours_rss = _run_child("sbssl", work)
@@ -136,12 +141,14 @@ def main() -> int:
         diff = float(np.abs(np.load(work / "sbssl.npy") - np.load(work / "reference.npy")).max())
 
     threads = os.environ.get("OPENBLAS_NUM_THREADS", f"all {os.cpu_count()} cores")
+    codec = "LZF" if args.lzf else "LZ4"
     print(f"input: SYNTHETIC ReLU-like float32, {args.images} images x {args.dim:,} dims "
-          f"({args.images * args.dim * 4 / 2**30:.2f} GiB raw, {size / 2**30:.2f} GiB LZF; written in {made:.0f} s)")  # fmt: skip
+          f"({args.images * args.dim * 4 / 2**30:.2f} GiB raw, {size / 2**30:.2f} GiB {codec}, "
+          f"{size / args.images / 1e6:.2f} MB per image; written in {made:.0f} s)")  # fmt: skip
     print(f"BLAS threads: {threads}")
     print(f"cosine_similarities : {ours['seconds']:7.1f} s, peak RSS {ours_rss:6.0f} MB (read, decompress, blockwise "
           "float64 products, write)")  # fmt: skip
-    print(f"  of which, alone   : reading and LZF decompression {ours['read_seconds']:.1f} s (one thread), float64 "
+    print(f"  of which, alone   : reading and {codec} decompression {ours['read_seconds']:.1f} s (one thread), float64 "
           f"slice products {ours['product_seconds']:.1f} s; they overlap as far as the cores allow")  # fmt: skip
     print(f"one float64 E @ E.T : {ref['seconds']:7.1f} s, peak RSS {ref_rss:6.0f} MB (product only; reading and "
           f"converting took {ref['read_seconds']:.1f} s more)")  # fmt: skip

@@ -3,9 +3,12 @@
 This module must not import torch: the test jobs read similarity files thousands of times.
 
 - embeddings ``results/embeddings/{model}/{layer}.h5`` (written by :mod:`sbssl.embed`): dataset
-  ``embeddings`` (n_images, dim) float32 (or float16 when asked for), LZF-compressed, in chunks of whole
-  rows up to :data:`CHUNK_COLUMNS` values per row and of one row's :data:`CHUNK_COLUMNS`-column tiles beyond
-  (so a band of columns of every row reads without decompressing the rest); dataset
+  ``embeddings`` (n_images, dim) float32 (or float16 when asked for), compressed with the LZ4 HDF5 filter
+  (registered filter 32004, from ``hdf5plugin``; importing this module registers it, and any other reader needs
+  ``import hdf5plugin`` before reading the values), in chunks of whole rows up to :data:`CHUNK_COLUMNS` values
+  per row and of one row's :data:`CHUNK_COLUMNS`-column tiles beyond (so a band of columns of every row reads
+  without decompressing the rest). Files written before 2026-11-30 are LZF-compressed; they read the same way,
+  with a slower decompression. Dataset
   ``sha256`` (n_images,) UTF-8, the image of each row; attrs model, weights_sha256, preprocessing, layer,
   pooling, dtype, permute, permuted_images, versions (JSON string), sbssl_version, code_digest, plus any
   further model-identity keys the caller gives.
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import h5py
+import hdf5plugin
 import numpy as np
 
 from sbssl.io import atomic_path
@@ -34,8 +38,13 @@ from sbssl.io import atomic_path
 SHA256_DTYPE = h5py.string_dtype("utf-8")
 #: Attributes that say which code wrote a file (:func:`sbssl.provenance.provenance`).
 PROVENANCE_KEYS = ("sbssl_version", "code_digest")
-#: Target size of one embeddings chunk of whole rows: large enough for fast LZF, small enough for the chunk cache.
+#: Target size of one embeddings chunk of whole rows: large enough for fast compression, small enough for the chunk
+#: cache.
 CHUNK_BYTES = 2**20
+#: HDF5 filter of the embeddings values. LZ4 rather than h5py's built-in LZF: on ReLU-like float32 maps it is as
+#: compact (the zeros are what compresses; the mantissas do not) and decompresses several times faster, which is
+#: what the similarity job, reading every value once, waits for (``benchmarks/bench_similarity.py``).
+EMBEDDINGS_FILTER = hdf5plugin.LZ4()
 #: Widest chunk (values): rows wider than this (flattened maps, 802,816 values at layer1) are stored as one row's
 #: tiles of this many columns, so the similarity job reads column bands of all rows, each chunk once.
 CHUNK_COLUMNS = 2**16
@@ -85,14 +94,15 @@ def require_datasets(f: h5py.File, path: str | os.PathLike[str], names: Sequence
 
 
 def create_embeddings(f: h5py.File, n: int, dim: int, dtype: np.dtype) -> h5py.Dataset:
-    """Create the ``embeddings`` dataset (n, dim), LZF: whole rows per chunk of about :data:`CHUNK_BYTES` when
-    ``dim`` <= :data:`CHUNK_COLUMNS`, else one row's :data:`CHUNK_COLUMNS`-column tile per chunk."""
+    """Create the ``embeddings`` dataset (n, dim), compressed with :data:`EMBEDDINGS_FILTER`: whole rows per chunk
+    of about :data:`CHUNK_BYTES` when ``dim`` <= :data:`CHUNK_COLUMNS`, else one row's :data:`CHUNK_COLUMNS`-column
+    tile per chunk."""
     dtype = np.dtype(dtype)
     if dim > CHUNK_COLUMNS:
         chunks = (1, CHUNK_COLUMNS)
     else:
         chunks = (max(1, min(n, CHUNK_BYTES // (dim * dtype.itemsize))), dim)
-    return f.create_dataset("embeddings", shape=(n, dim), dtype=dtype, chunks=chunks, compression="lzf")
+    return f.create_dataset("embeddings", shape=(n, dim), dtype=dtype, chunks=chunks, compression=EMBEDDINGS_FILTER)
 
 
 def _check_embeddings(f: h5py.File, path: Path) -> list[str]:

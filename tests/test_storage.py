@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import hdf5plugin
 import numpy as np
 import pytest
 
@@ -43,10 +44,31 @@ def test_embeddings_round_trip_with_row_chunks(tmp_path):
     with open_embeddings(path) as (dataset, same):
         np.testing.assert_array_equal(dataset[1:3], values[1:3])
         assert same == header
-        assert dataset.compression == "lzf" and dataset.chunks == (5, 3000)  # whole rows, <= 1 MiB per chunk
+        assert dataset.chunks == (5, 3000)  # whole rows, <= 1 MiB per chunk
     with h5py.File(tmp_path / "big.h5", "w") as f:
         assert create_embeddings(f, 10, 802_816, np.dtype("float32")).chunks == (1, 65_536)  # a row's column tiles
         assert create_embeddings(f.create_group("g"), 1000, 2048, np.dtype("float16")).chunks == (256, 2048)
+
+
+def test_embeddings_are_lz4_compressed_and_lzf_files_of_earlier_sbssl_still_read(tmp_path):
+    values = np.maximum(np.random.default_rng(1).standard_normal((5, 3000), dtype=np.float32), 0)  # as after a ReLU
+    with open_embeddings(embeddings_file(tmp_path / "e.h5", values)) as (dataset, _):
+        assert dataset.id.get_create_plist().get_filter(0)[0] == hdf5plugin.LZ4_ID
+        assert dataset.id.get_storage_size() < 0.8 * values.nbytes  # the zeros compress
+        np.testing.assert_array_equal(dataset[()], values)
+    with h5py.File(tmp_path / "lzf.h5", "w") as f:
+        f.create_dataset("embeddings", data=values, chunks=(1, 3000), compression="lzf")
+        write_sha256(f, HASHES)
+    with open_embeddings(tmp_path / "lzf.h5") as (dataset, _):
+        np.testing.assert_array_equal(dataset[()], values)
+
+
+def test_importing_the_module_registers_the_filter_for_other_readers(tmp_path):
+    path = embeddings_file(tmp_path / "e.h5", np.ones((5, 3), np.float32))
+    read = f"import h5py; print(h5py.File({str(path)!r}, 'r')['embeddings'][()].sum())"
+    assert subprocess.run([sys.executable, "-c", "import sbssl.storage; " + read], capture_output=True, text=True,
+                          check=True).stdout.strip() == "15.0"  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", read], capture_output=True).returncode != 0  # h5py alone cannot
 
 
 def test_sha256_and_attrs_helpers(tmp_path):
@@ -75,7 +97,7 @@ def test_invalid_embeddings_files_name_the_file_and_the_remedy(tmp_path):
 
 
 def test_truncated_or_corrupt_files_are_errors_naming_the_file(tmp_path):
-    values = np.tile(np.arange(3000, dtype=np.float32), (5, 1))  # compressible: LZF chunks are real
+    values = np.tile(np.arange(3000, dtype=np.float32), (5, 1))  # compressible: the chunks are compressed
     path = embeddings_file(tmp_path / "e.h5", values)
     data = path.read_bytes()
     (tmp_path / "short.h5").write_bytes(data[: len(data) // 2])
