@@ -449,7 +449,7 @@ def _extract(
             write_sha256(files[layer], [sha for sha, _ in images])
         bar = stack.enter_context(tqdm(total=n, unit="img", desc=f"embed {model_name}", disable=not progress))
         # Decoding the next batch and compressing the previous one run in threads while the model computes
-        # (PIL, OpenCV, torch and h5py with its LZ4 filter release the GIL); at most one batch waits in each, so memory stays flat.
+        # (PIL, OpenCV, torch and h5py's writes release the GIL); at most one batch waits in each, so memory stays flat.
         loader = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbssl-load"))
         writer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="sbssl-write"))
         # On CUDA the captured layers go to the host on a stream of their own, into two alternating sets of
