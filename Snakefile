@@ -23,6 +23,11 @@ include: "rules/leakage.smk"
 include: "rules/coco.smk"
 
 
+if config["debias"]["enabled"]:
+
+    include: "rules/debias.smk"
+
+
 rule all:
     input:
         all_outputs(),

@@ -12,6 +12,7 @@
 #   (rules/embed.smk), so selecting another layer or keeping/dropping the embeddings reruns nothing
 #   that is finished.
 import os
+from dataclasses import asdict
 
 from snakemake.utils import validate
 
@@ -117,11 +118,27 @@ def model_definition(wildcards):
     return model_definition_dict(ZOO[wildcards.model])
 
 
+# Checkpoints trained by this workflow (rules/debias.smk): model -> (weights file, the lock its job wrote).
+TRAINED_WEIGHTS = {}
+
+
 def weights_input(wildcards):
-    """The downloaded checkpoint of a pretrained model (a file, or a folder for Hugging Face models);
-    random initialisations need none."""
+    """The downloaded checkpoint of a pretrained model (a file, or a folder for Hugging Face models), or
+    the one a job of this workflow trained; random initialisations need none."""
+    if wildcards.model in TRAINED_WEIGHTS:
+        return TRAINED_WEIGHTS[wildcards.model][0]
     spec = ZOO[wildcards.model]
     return [] if spec.weights is None else str(weights_path(spec, "pretrains"))
+
+
+def weights_lock_input(wildcards):
+    """The lock written by the job that trained this model's checkpoint (none for zoo checkpoints)."""
+    return TRAINED_WEIGHTS[wildcards.model][1] if wildcards.model in TRAINED_WEIGHTS else []
+
+
+def weights_lock(wildcards, input):
+    """The lock that this job's checkpoint is verified against: its training job's, else the zoo's."""
+    return input.lock or WEIGHTS_LOCK
 
 
 def weights_definition(wildcards):
@@ -212,6 +229,10 @@ def all_outputs():
         outputs.append(f"{R}/paper/meta_test.json")
     if config["probes"]["enabled"]:
         outputs.append(f"{R}/tables/leakage.csv")
+    if config["debias"]["enabled"]:
+        outputs.append(f"{R}/tables/debias.csv")
+        if config["debias"]["audit"]:
+            outputs.append(f"{R}/tables/debias_audit.csv")
     if config["coco"]["enabled"]:
         subsets = ["all"] + [f"alpha{a}" for a in config["coco"]["alphas"]]
         outputs += [f"{R}/leakage/datasets/coco/{s}/leakage.json" for s in subsets]
@@ -225,3 +246,57 @@ def figure_report(prefix, name, category="Figures"):
         caption=os.path.abspath(f"{prefix}/figures/{name}.rst"),
         category=category,
     )
+
+
+# The debiasing branch (rules/debias.smk, included when debias.enabled): its settings and input functions.
+# sbssl.debias is imported only when they run (it loads torch).
+D = config["debias"]
+DB = f"{R}/debias"
+
+
+def _init_options(dataset):
+    """A ResNet-50 backbone starts from the checkpoint of the zoo model debias.init_model (None: random)."""
+    from sbssl.debias.train import default_config
+
+    if default_config(dataset)["backbone"] != "resnet50" or D["init_model"] is None:
+        return {}
+    _check_names("debias.init_model", [D["init_model"]], ZOO, config["zoo"])
+    spec = ZOO[D["init_model"]]
+    if spec.weights is None or spec.architecture != "resnet50":
+        raise WorkflowError(f"config key 'debias.init_model': {D['init_model']!r} is not a pretrained ResNet-50")
+    return {"init_weights": str(weights_path(spec, "pretrains")), "init_format": spec.weights.format}
+
+
+def debias_settings(dataset):
+    """Every setting of a data set's runs (sbssl.debias.DebiasConfig): defaults, init_model, debias.options."""
+    from sbssl.debias.train import make_config
+
+    try:
+        options = {**_init_options(dataset), **D["options"].get(dataset, {})}
+        return asdict(make_config(dataset, epochs=D["epochs"], options=options))
+    except (TypeError, ValueError) as exc:
+        raise WorkflowError(f"config key 'debias.options.{dataset}' (or 'debias.epochs'): {exc}") from None
+
+
+def debias_data_input(wildcards):
+    """The data set's metadata when a rule of the workflow fetches it (Waterbirds without a local folder)."""
+    if wildcards.dataset == "waterbirds" and "waterbirds" not in D["data"]:
+        return f"{WATERBIRDS_DIR}/metadata.csv"
+    return []
+
+
+def debias_init_input(wildcards):
+    """The initial backbone's checkpoint (fetched by rules/weights.smk), if the data set's backbone takes one."""
+    return DEBIAS_SETTINGS[wildcards.dataset]["init_weights"] or []
+
+
+def debias_init_model(wildcards):
+    """The definition of the zoo model whose checkpoint initialises the backbone (verified by the job)."""
+    if not DEBIAS_SETTINGS[wildcards.dataset]["init_weights"]:
+        return None
+    return {"name": D["init_model"], **model_definition_dict(ZOO[D["init_model"]])}
+
+
+def debias_run_folder(run):
+    """A training run's folder: metrics.json, model.pt, weights.lock (checkpoint.pt while it runs)."""
+    return f"{DB}/{run.dataset}/{run.method}/{run.seed}"

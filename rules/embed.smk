@@ -15,6 +15,7 @@ rule embed_layers:
         manifest=MANIFEST,
         stimuli=stimuli_input(),
         weights=weights_input,
+        lock=weights_lock_input,
     output:
         similarity=similarity_outputs(R),
         embeddings=embedding_outputs(R),
@@ -23,7 +24,7 @@ rule embed_layers:
         root=stimuli_param,
         layers=model_layer_list,
         embedding=EMBEDDING_DEFINITION,
-        weights_lock=WEIGHTS_LOCK,
+        weights_lock=weights_lock,
         permutation=None,
         code=code_digest("similarity"),  # the embedding and similarity code (sbssl.provenance)
     threads: 2

@@ -430,6 +430,24 @@ def _record(definition: ModelDefinition, lock_path: Path, sha256: str) -> None:
         write_text_atomic(lock_path, _LOCK_HEADER + body)
 
 
+def write_weights_lock(
+    model: ModelSpec | ModelDefinition, path: str | os.PathLike[str], lock_path: str | os.PathLike[str]
+) -> str:
+    """Write a weights lock holding only ``model``'s entry: its URL and the full sha256 of ``path``, the
+    checkpoint that a job of this workflow has just trained (``sbssl debias``'s ``model.pt``). The file is that
+    job's own output, written atomically and replaced when the job reruns; every use of the checkpoint is then
+    verified against it by :func:`verify_weights`, as downloaded checkpoints are against the zoo's lock.
+    Returns the sha256."""
+    from sbssl.download import file_digests
+
+    definition = _as_definition(model)
+    weights = _require_weights(definition)
+    sha256 = file_digests(Path(path))["sha256"]
+    body = yaml.safe_dump({definition.name: {"url": weights.url, "sha256": sha256}}, sort_keys=False, width=10_000)
+    write_text_atomic(lock_path, _LOCK_HEADER + body)
+    return sha256
+
+
 def verify_weights(
     model: ModelSpec | ModelDefinition, path: str | os.PathLike[str], lock_path: str | os.PathLike[str]
 ) -> str:

@@ -265,6 +265,31 @@ def test_demo_end_to_end(tmp_path):
     assert len(pd.read_csv(results / "tables/tradeoff.csv")) == 3 * 6
     report_html = (results / "report.html").read_text(errors="replace")
     assert "Paper (published rows)" in report_html
+    _check_demo_debiasing(results)
+
+
+def _check_demo_debiasing(results: Path) -> None:
+    """The demo's debiasing branch: 4 methods x 3 seeds on colored-digits, and the audit of the 12 networks."""
+    runs = pd.read_csv(results / "tables/debias_runs.csv")
+    assert len(runs) == 12 and set(runs["method"]) == {"erm", "groupdro", "adversarial", "clusterfix"}
+    for run in runs.itertuples():
+        metrics = json.loads((results / f"debias/colored-digits/{run.method}/{run.seed}/metrics.json").read_text())
+        assert run.worst_group_acc == pytest.approx(min(v for v in metrics["group_acc"].values() if v is not None))
+    table = pd.read_csv(results / "tables/debias.csv").set_index("method")
+    # the spurious tint makes ERM fail on the minority groups; GroupDRO with the true groups repairs much of it
+    assert table.loc["erm", "avg_acc_mean"] - table.loc["erm", "worst_group_acc_mean"] > 0.2
+    assert table.loc["groupdro", "worst_group_acc_mean"] > table.loc["erm", "worst_group_acc_mean"] + 0.2
+    audit = pd.read_csv(results / "tables/debias_audit.csv")
+    assert len(audit) == 12 * 3 and set(audit["layer"]) == {"conv1", "conv2", "pool"} and (audit["n_tests"] == 4).all()
+    assert (audit.loc[audit["method"] == "erm", "delta_n_biases"] == 0).all()
+    # each count is the number of the network's tests with seed-averaged p < 0.05, from its result files
+    for row in audit.itertuples():
+        p = [np.mean([json.loads(f.read_text())["p"] for f in (results / f"tests/{row.model}/{row.layer}/{test}").glob("*.json")])
+             for test in ("colour_valence", "colour_valence_reversed", "null_control", "intersectional_dots_valence")]
+        assert row.n_biases == sum(v < 0.05 for v in p)
+        baseline = audit[(audit["method"] == "erm") & (audit["train_seed"] == row.train_seed) & (audit["layer"] == row.layer)]
+        assert row.delta_n_biases == row.n_biases - baseline["n_biases"].item()
+    assert audit["attribute_accuracy"].between(0, 1).all() and (audit["attribute"] == "tone").all()
 
 
 def test_relabelling_a_model_and_a_test_reruns_only_the_aggregates(small_study):
