@@ -95,7 +95,9 @@ def module_closure(entries: tuple[str, ...]) -> list[str]:
         if not _is_module(name):
             raise ValueError(f"sbssl has no module {name!r} (stage entry or import); see sbssl/provenance.py")
         seen.add(name)
-        todo.extend(_imports(name) - seen)
+        parts = name.split(".")
+        parents = {".".join(parts[:i]) for i in range(1, len(parts))}  # imported on the way to the module
+        todo.extend((_imports(name) | parents) - seen)
     return sorted(seen)
 
 

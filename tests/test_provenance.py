@@ -47,3 +47,24 @@ def test_provenance_names_version_and_digest():
 def test_unknown_stage_is_an_error():
     with pytest.raises(ValueError, match="unknown stage 'nope'"):
         provenance.code_digest("nope")
+
+
+def test_closure_follows_subpackages_and_their_init(tmp_path, monkeypatch):
+    closure = provenance.module_closure(("debias.audit",))
+    # importing sbssl.debias.audit runs sbssl/debias/__init__.py, which imports the training code
+    assert {"debias", "debias.audit", "debias.train", "debias.methods", "summary"} <= set(closure)
+    assert provenance.module_file("debias") == provenance.PACKAGE_DIR / "debias" / "__init__.py"
+    copy = tmp_path / "sbssl"
+    shutil.copytree(provenance.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(provenance, "PACKAGE_DIR", copy)
+    provenance.code_digest.cache_clear()
+    try:
+        before = {stage: provenance.code_digest(stage) for stage in ("debias", "debias_audit", "embed", "test")}
+        methods = copy / "debias" / "methods.py"
+        methods.write_text(methods.read_text() + "\n# changed\n")
+        provenance.code_digest.cache_clear()
+        after = {stage: provenance.code_digest(stage) for stage in before}
+    finally:
+        provenance.code_digest.cache_clear()
+    # a change in the training code reruns the training and its audit, not the study's embeddings or tests
+    assert {s for s in before if before[s] != after[s]} == {"debias", "debias_audit"}
