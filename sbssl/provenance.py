@@ -57,7 +57,18 @@ def _is_module(name: str) -> bool:
 def _imports(module: str) -> set[str]:
     """Names (dotted below ``sbssl``) of the ``sbssl`` modules that ``sbssl.<module>`` imports anywhere in its
     source, with the packages on the way: importing ``sbssl.a.b`` runs ``sbssl/a/__init__.py`` too."""
-    tree = ast.parse(module_file(module).read_text(encoding="utf-8"))
+    with_parents = set()
+    for name in _imported_names(module_file(module).read_text(encoding="utf-8")):
+        parts = name.split(".")
+        with_parents.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return {name for name in with_parents if _is_module(name)}
+
+
+@functools.lru_cache(maxsize=None)
+def _imported_names(source: str) -> frozenset[str]:
+    """The names below ``sbssl`` that ``source`` imports (modules or attributes). Cached by source text: the
+    workflow digests a dozen stages that share most modules, and parsing is most of the cost."""
+    tree = ast.parse(source)
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -73,11 +84,7 @@ def _imports(module: str) -> set[str]:
                 parts = alias.name.split(".")
                 if parts[0] == "sbssl" and len(parts) > 1:
                     found.add(".".join(parts[1:]))
-    with_parents = set()
-    for name in found:
-        parts = name.split(".")
-        with_parents.update(".".join(parts[: i + 1]) for i in range(len(parts)))
-    return {name for name in with_parents if _is_module(name)}
+    return frozenset(found)
 
 
 def module_closure(entries: tuple[str, ...]) -> list[str]:
