@@ -24,9 +24,9 @@ computed in one call is reused by the next. Variants are timed in turns (one cal
   same splits: the sampled case took the Fisher-Yates draw before 2026-11-30, whose p differs).
 
 Also printed: where the sampled test's time goes (cosines, drawing the splits as masks, summing them with
-the byte tables, building the tables included). The workflow
-runs one test per job and so shares no splits between tests; a caller running several tests of the same
-sizes with one seed could draw the splits once, which would save the "drawing" part only.
+the byte tables, building the tables included). The workflow runs one test per job and so shares no splits
+between tests; a caller running several tests of the same sizes with one seed could draw the splits once,
+which would save the "drawing" part only.
 BLAS runs single-threaded unless OPENBLAS_NUM_THREADS is set: the cosine products here are tiny, and on a
 busy machine threaded BLAS stalls on them (all variants alike), which only adds noise.
 """
