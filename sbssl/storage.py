@@ -41,9 +41,10 @@ PROVENANCE_KEYS = ("sbssl_version", "code_digest")
 #: Target size of one embeddings chunk of whole rows: large enough for fast compression, small enough for the chunk
 #: cache.
 CHUNK_BYTES = 2**20
-#: HDF5 filter of the embeddings values. LZ4 rather than h5py's built-in LZF: on ReLU-like float32 maps it is as
-#: compact (the zeros are what compresses; the mantissas do not) and decompresses several times faster, which is
-#: what the similarity job, reading every value once, waits for (``benchmarks/bench_similarity.py``).
+#: HDF5 filter of the embeddings values. LZ4 rather than h5py's built-in LZF: on ReLU-like float32 maps it is about
+#: as compact (the zeros are what compresses; the mantissas do not) and decompresses 4-8 times faster, which is
+#: what the similarity job, reading every value once, waits for (``benchmarks/bench_similarity.py``). Zstandard
+#: would be ~12% smaller but decompresses at half LZ4's speed.
 EMBEDDINGS_FILTER = hdf5plugin.LZ4()
 #: Widest chunk (values): rows wider than this (flattened maps, 802,816 values at layer1) are stored as one row's
 #: tiles of this many columns, so the similarity job reads column bands of all rows, each chunk once.
