@@ -79,6 +79,29 @@ def test_resumption_differs_from_a_fresh_run_when_the_state_is_lost(digits, tmp_
     assert a["history"] != b["history"]
 
 
+def test_history_logs_the_adversary_and_the_clusterfix_weights(digits, tmp_path: Path) -> None:
+    """The diagnostics that explain the colored-digits figures (sbssl.debias.train's module doc)."""
+    adv = run_debias("colored-digits", "adversarial", 0, tmp_path / "adv", data=digits, epochs=2)
+    assert adv["config"]["adv_layer"] == "conv1" and adv["config"]["adv_lambda"] == 1.0
+    first, second = adv["history"]
+    assert first["train_adv_loss"] > second["train_adv_loss"] > 0
+    # the tint is separable from every pixel: the adversary is certain by the second epoch, its reversed
+    # gradient gone
+    assert 0.5 < first["train_adv_acc"] < second["train_adv_acc"] == 1.0
+    assert second["train_adv_loss"] < 0.01
+    cf = run_debias("colored-digits", "clusterfix", 0, tmp_path / "cf", data=digits, epochs=2)
+    weight = cf["history"][-1]["train_group_weight"]
+    assert set(weight) == set(digits.group_names)
+    counts = digits.group_counts()["train"]
+    # per-batch mean 1 -> mean 1 over the epoch's samples (each visited once)
+    assert sum(weight[g] * counts[g] for g in weight) / 1000 == pytest.approx(1.0, abs=0.05)
+    # early on the inverse cluster size lifts the minority groups (10% of each class) above the majority
+    assert min(weight["digit<5/green"], weight["digit>=5/red"]) > max(weight["digit<5/red"], weight["digit>=5/green"])
+    erm = run_debias("colored-digits", "erm", 0, tmp_path / "erm", data=digits, epochs=1)
+    assert set(erm["history"][0]) == {"epoch", "train_loss", "val_worst_group_acc", "val_avg_acc",
+                                      "test_worst_group_acc", "test_avg_acc"}
+
+
 def test_finished_folder_and_other_settings(digits, tmp_path: Path) -> None:
     first = run_debias("colored-digits", "erm", 0, tmp_path, data=digits, epochs=1)
     (tmp_path / "model.pt").unlink()  # proof that nothing is retrained: model.pt is not rewritten

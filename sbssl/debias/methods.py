@@ -13,7 +13,12 @@ Sources and where this code follows one over another:
   torchvision's: their ``conv4`` / ``conv5`` are the outputs of ``layer3`` / ``layer4``. Their code average-
   pools the tap unless ``--no_avgpool`` (then flattened: the setting issue 12 cites as their best); here
   the tap is flattened, and the pooled variant of ``layer4`` is the tap ``avgpool``. Their image-space
-  variant (a U-Net mask, ``ae_adv_*``) is left out.
+  variant (a U-Net mask, ``ae_adv_*``) is left out. Their listed runs (``commands.ipynb``) resume a trained
+  model and fine-tune it with the adversary on (``--layer conv4|conv5 --no_avgpool --adv_lambda 2
+  --batch_balanced``, Adam lr 5e-6); here the adversary trains with the task from the first step (one
+  optimiser, as their ``train.py``), the same schedule as every other method. The adversary's training
+  loss and accuracy are logged per epoch: a reversed gradient vanishes once the adversary is certain, which
+  is what happens on colored-digits (see :mod:`sbssl.debias.train`).
 - **GroupDRO** (Sagawa et al., ICLR 2020, ``loss.py``): the per-group mean losses of a batch (0 for a group
   absent from it) update the group weights ``q <- q * exp(η * (loss_g + C / sqrt(n_g)))``, renormalised; the
   training loss is ``Σ_g q_g loss_g``. η = 0.01 and C = 0 are their defaults.

@@ -29,7 +29,22 @@ colored-digits trains a small CNN from scratch (no pretrained network exists for
 60 epochs, as the measured trials, batch 128, no weight decay and a constant learning rate (from scratch,
 a cosine decay stopped every method before it learnt the digits' shape: ERM and ClusterFix both at worst-
 group 0 on seed 0); its ClusterFix features are the raw pixels (k-means on them isolates the minority
-tints, MEASURED-FACTS), and the adversary reads the pooled feature with λ = 1 (the measured trials').
+tints, MEASURED-FACTS), and the adversary reads ``conv1`` (flattened) with λ = 1, the tap and λ chosen on
+mean validation worst-group accuracy over seeds 0-2 among Wang et al.'s knobs (conv1 at λ 0.3 / 1 / 2:
+0.28 / 0.28 / 0.26; pool at λ 0.3 / 1: 0.19 / 0.05; conv2 and balanced batches lower): the pooled feature encodes the target, which predicts the tint in 90% of the
+training images, so an adversary there also pulls the target out of the feature (val worst group 0.05 at
+λ = 1, against ERM's 0.25); conv1 sees colour before shape. Balanced batches keep 128 of every 320 images
+(their rule, the tint being 50/50), too few steps for the shape in 60 epochs (val worst group 0).
+
+Why the adversary does not debias colored-digits (measured; ``history`` logs ``train_adv_loss`` and
+``train_adv_acc`` per epoch): the tint is separable from every pixel, so the 300-wide adversary reaches
+100% within about 5 Adam steps at every tap and λ tried (1-100, also without its BatchNorms); its cross-entropy then falls towards 0 and the
+reversed gradient it sends into the backbone vanishes (1e-4 of the task gradient at conv1 after 25 steps),
+so the backbone keeps the tint (a linear probe reads it within each class at 100%). Removal would need
+conv1's red and green weights equal; the task gradient pushes them apart. This is the known weakness of a
+gradient-reversal adversary against a saturating one (Wang et al.'s COCO gender is far from separable), not
+an implementation slip: the reversal's sign and scale are unit-tested. ClusterFix logs
+``train_group_weight`` (mean sample weight per true group, a diagnostic only).
 
 Resumption: after every epoch ``out_dir/checkpoint.pt`` (atomic) holds the model, optimiser, scheduler, the
 method's state (GroupDRO's q, ClusterFix's sample weights and clusters), the torch / numpy / python RNG
@@ -120,7 +135,7 @@ class DebiasConfig:
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "colored-digits": dict(epochs=60, batch_size=128, lr=3e-3, weight_decay=0.0, schedule="constant",
-                           backbone="small_cnn", adv_layer="pool", adv_lambda=1.0, cf_beta=0.5, cf_features="pixels"),
+                           backbone="small_cnn", adv_layer="conv1", adv_lambda=1.0, cf_beta=0.5, cf_features="pixels"),
     "waterbirds": dict(epochs=300, batch_size=128, lr=1e-4, weight_decay=1e-2, backbone="resnet50",
                        adv_layer="layer4", adv_lambda=2.0, cf_beta=0.01, cf_features="backbone"),
     "celeba": dict(epochs=50, batch_size=128, lr=1e-4, weight_decay=1e-2, backbone="resnet50",
@@ -427,12 +442,15 @@ def _cluster_summary(data: DebiasData, ids: np.ndarray, k: int) -> dict[str, Any
 
 def _train_epoch(model: DebiasNet, data: DebiasData, method: str, config: DebiasConfig, batches: list[np.ndarray],
                  optimiser: torch.optim.Optimizer, state: dict[str, Any], device: torch.device,
-                 num_workers: int) -> float:
-    """One pass over ``batches``; updates ``state`` (GroupDRO's q, ClusterFix's weights); mean training loss."""
+                 num_workers: int) -> dict[str, float]:
+    """One pass over ``batches``; updates ``state`` (GroupDRO's q, ClusterFix's weights). Returns the epoch's
+    sample-weighted means: ``train_loss``; for ``adversarial`` also ``train_adv_loss`` (the adversary's
+    cross-entropy) and ``train_adv_acc`` (its accuracy on the bias attribute, before each step)."""
     train = data.splits["train"]
     groups_all = torch.as_tensor(data.groups("train"))
     model.train()
-    total, seen = 0.0, 0
+    sums: dict[str, float] = {}
+    seen = 0
     for idx, x in train.batches(batches, num_workers=num_workers):
         tidx = torch.as_tensor(idx)
         x, y = x.to(device), torch.as_tensor(train.y[idx], device=device)
@@ -446,7 +464,10 @@ def _train_epoch(model: DebiasNet, data: DebiasData, method: str, config: Debias
             loss = group_loss @ state["q"]
         elif method == "adversarial":
             a = torch.as_tensor(train.a[idx], device=device)
-            loss = ce.mean() + F.cross_entropy(out["adv_logits"], a)
+            adv_loss = F.cross_entropy(out["adv_logits"], a)
+            loss = ce.mean() + adv_loss
+            sums["train_adv_loss"] = sums.get("train_adv_loss", 0.0) + float(adv_loss.detach()) * len(idx)
+            sums["train_adv_acc"] = sums.get("train_adv_acc", 0.0) + float((out["adv_logits"].argmax(1) == a).sum())
         else:
             ids = state["ids"][tidx]
             pseudo = F.cross_entropy(out["pseudo_logits"], (ids % config.cf_k).to(device), reduction="none")
@@ -459,9 +480,9 @@ def _train_epoch(model: DebiasNet, data: DebiasData, method: str, config: Debias
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        total += float(loss.detach()) * len(idx)
+        sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach()) * len(idx)
         seen += len(idx)
-    return total / seen
+    return {key: value / seen for key, value in sums.items()}
 
 
 def run_debias(
@@ -490,8 +511,9 @@ def run_debias(
       ({group name: test accuracy (None when empty) / test samples}), ``empty_groups``, ``best_epoch``
       (1-based), ``epochs``, ``val_worst_group_acc``, ``val_avg_acc``, ``val_group_acc``,
       ``train_group_count``, ``history`` (per epoch: train_loss, val/test worst and average accuracy;
-      ClusterFix adds val_worst_cluster_acc), ``config`` (every setting), ``clusters`` (ClusterFix: training
-      cluster sizes, bias purity), ``device``, ``sbssl_version``.
+      adversarial adds train_adv_loss, train_adv_acc; ClusterFix adds val_worst_cluster_acc and
+      train_group_weight, the mean sample weight per true group), ``config`` (every setting), ``clusters``
+      (ClusterFix: training cluster sizes, bias purity), ``device``, ``sbssl_version``.
     - ``model.pt``: the selected epoch's backbone state_dict (weights only; resnet50: torchvision keys
       without ``fc``, loadable by :func:`sbssl.models.build_model` as format ``torchvision``);
       ``heads.pt``: its heads (target ``head.*``, ``pseudo_heads.*``, ``adversary.*``).
@@ -584,16 +606,20 @@ def _run(data: DebiasData, identity: dict[str, Any], config: DebiasConfig, out: 
 
     for epoch in range(start + 1, config.epochs + 1):
         batches = epoch_batches(data, method, config, seed, epoch)
-        loss = _train_epoch(model, data, method, config, batches, optimiser, state, device, num_workers)
+        train_stats = _train_epoch(model, data, method, config, batches, optimiser, state, device, num_workers)
         scheduler.step()
         val, val_predicted = _evaluate(model, data, "val", device, num_workers)
         test, _ = _evaluate(model, data, "test", device, num_workers)
-        record = {"epoch": epoch, "train_loss": loss, "val_worst_group_acc": val.worst, "val_avg_acc": val.average,
+        record = {"epoch": epoch, **train_stats, "val_worst_group_acc": val.worst, "val_avg_acc": val.average,
                   "test_worst_group_acc": test.worst, "test_avg_acc": test.average}
         if method == "clusterfix":
             names = [str(i) for i in range(data.n_classes * config.cf_k)]
             record["val_worst_cluster_acc"] = group_accuracy(
                 val_predicted, data.splits["val"].y, state["setup"]["ids"]["val"], names).worst
+            # a diagnostic from the true groups (never used in training or selection): whom the weights favour
+            groups = data.groups("train")
+            record["train_group_weight"] = {name: float(state["weights"][torch.as_tensor(groups == g)].mean())
+                                            for g, name in enumerate(data.group_names) if (groups == g).any()}
         history.append(record)
         if best is None or val.worst > best["val"].worst:
             best = {"epoch": epoch, "val": val, "test": test,
