@@ -10,9 +10,8 @@ association_test jobs only (``--until association_test``), one after the other, 
 script prints both rates, their ratio (target >= 0.8) and the peak RSS of the Snakemake process (every
 test job is a thread of it; target <= 3000 MB).
 
-It also times ``snakemake -n`` of the full study (config/config.yaml: 15 models, control branch, probes;
-nothing is downloaded in a dry run) in another scratch copy (target < 10 s), and the same with
-``--quiet rules`` (no per-job printout), since printing 12,000 job descriptions is much of a dry run.
+It also times ``snakemake -n`` of the full study in another scratch copy, with and without printing the jobs
+(benchmarks/bench_dryrun.py, which runs that part alone).
 
     .venv/bin/python benchmarks/bench_dag.py [--models N] [--images-per-folder K] [--keep DIR]
 """
@@ -20,10 +19,8 @@ nothing is downloaded in a dry run) in another scratch copy (target < 10 s), and
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_dryrun import full_study_dry_runs, report, timed_snakemake  # noqa: E402
 from workflow_copy import copy_workflow, planned_jobs, snakemake, write_config  # noqa: E402
 
 from sbssl.catalogue import load_catalogue  # noqa: E402
@@ -87,35 +85,6 @@ def trivialise(workdir: Path) -> None:
     rules.write_text(new, encoding="utf-8")
 
 
-def timed_snakemake(workdir: Path, *args: str) -> tuple[float, float]:
-    """Run snakemake in ``workdir``; return (seconds, peak RSS in MB of the Snakemake process, from wait4)."""
-    with tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "snakemake", *args], cwd=workdir, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=err,
-        )  # fmt: skip
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-        if proc.returncode != 0:
-            err.seek(0)
-            raise SystemExit(f"snakemake {' '.join(args)} failed in {workdir} ({proc.returncode}):\n{err.read()[-4000:]}")
-    return seconds, usage.ru_maxrss / 1024  # Linux reports KiB
-
-
-def full_study_dry_run(workdir: Path) -> tuple[float, float, int]:
-    """(seconds of ``snakemake -n``, seconds with ``--quiet rules``, jobs) of config/config.yaml."""
-    copy_workflow(workdir)
-    start = time.perf_counter()
-    dry = snakemake(workdir, "-n")
-    plain = time.perf_counter() - start
-    start = time.perf_counter()
-    snakemake(workdir, "-n", "--quiet", "rules")
-    quiet = time.perf_counter() - start
-    return plain, quiet, len(planned_jobs(dry.stdout))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=15, help="how many of the zoo's models (default all 15)")
@@ -123,6 +92,7 @@ def main() -> int:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
     parser.add_argument("--skip-dry-run", action="store_true", help="do not time the full study's dry run")
+    parser.add_argument("--dry-run-repeats", type=int, default=3, help="dry runs of the full study, each form")
     args = parser.parse_args()
 
     base = args.keep or Path(tempfile.mkdtemp(prefix="sbssl-bench-dag-"))
@@ -160,8 +130,9 @@ def main() -> int:
         raise SystemExit(f"unexpected jobs planned: {sorted({rule for rule, _ in jobs})}")
 
     run_args = ("--configfile", "bench.yaml", "--cores", str(args.cores), TARGET, "--until", "association_test")
-    trivial_s, trivial_rss = timed_snakemake(trivial, *run_args)
-    real_s, real_rss = timed_snakemake(real, *run_args)
+    trivial_run = timed_snakemake(trivial, *run_args)
+    real_run = timed_snakemake(real, *run_args)
+    trivial_s, real_s = trivial_run.seconds, real_run.seconds
     done = sum(1 for _ in (real / "results/tests").rglob("*.json"))
     if done != n_tests:
         raise SystemExit(f"{done} result files for {n_tests} jobs")
@@ -173,12 +144,11 @@ def main() -> int:
     print(f"trivial jobs (same DAG, body writes a tiny JSON): {trivial_s:.1f} s, {n_tests / trivial_s:.1f} jobs/s")
     print(f"association_test jobs (10,000 permutations, bootstrap 2,000): {real_s:.1f} s, {n_tests / real_s:.1f} jobs/s")
     print(f"ratio permutation stage / trivial: {trivial_s / real_s:.2f} (target >= 0.8)")
-    print(f"peak RSS of the Snakemake process: {real_rss:.0f} MB with the test jobs, {trivial_rss:.0f} MB trivial "
+    print(f"peak RSS of the Snakemake process: {real_run.peak_rss_mb:.0f} MB with the test jobs, "
+          f"{trivial_run.peak_rss_mb:.0f} MB trivial "
           "(target <= 3000 MB)")  # fmt: skip
     if not args.skip_dry_run:
-        plain, quiet, n_jobs = full_study_dry_run(base / "full")
-        print(f"full study dry run (config/config.yaml, {n_jobs} jobs): `snakemake -n` {plain:.1f} s, "
-              f"with --quiet rules {quiet:.1f} s (target < 10 s)")  # fmt: skip
+        print(report(full_study_dry_runs(base / "full", args.dry_run_repeats)))
     return 0
 
 

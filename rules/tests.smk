@@ -4,6 +4,20 @@
 # so a job costs milliseconds instead of a Python start-up (benchmarks/bench_dag.py measures it).
 # `code` is not used by the body: the digest of the test stage's sbssl code, so that a change of it
 # reruns the tests.
+#
+# Snakemake evaluates each job's params and resources one by one, so with ~12,600 test jobs (control
+# included) the rule is kept lean for the dry run and the DAG (benchmarks/bench_dryrun.py):
+# - the function params carry their signature: Snakemake inspects it three times per job and param, and
+#   a stored __signature__ makes inspect.signature a lookup;
+# - tmpdir is fixed at parse time instead of Snakemake's default expression, which it evaluates with
+#   eval() on every job; the body writes no temporary files (a group job on a cluster node parses the
+#   workflow there, so it still gets that node's temporary folder).
+# The run: block's text is Snakemake's code rerun trigger: editing it reruns every finished test.
+import inspect
+import tempfile
+
+for _param in (test_definition, layer_file):
+    _param.__signature__ = inspect.signature(_param)
 
 
 rule association_test:
@@ -20,6 +34,7 @@ rule association_test:
     resources:
         mem_mb=500,
         runtime=5,
+        tmpdir=tempfile.gettempdir(),
     log:
         f"{R}/logs/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.log",
     run:
