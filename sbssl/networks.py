@@ -14,6 +14,13 @@ from torch import nn
 SMALL_CNN_INPUT = 8
 
 
+class GlobalAveragePool(nn.Module):
+    """(B, C, H, W) -> (B, C): the mean over the spatial positions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
 class SmallCNN(nn.Module):
     """Two 3x3 conv layers (32, 64 channels, ReLU; padding keeps the input's H x W) and global average pooling:
     (B, 3, H, W) in [0, 1] -> 64-d. ``forward`` returns the taps ``conv1``, ``conv2`` (feature maps (B, C, H, W))
@@ -27,12 +34,12 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.conv1 = nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU())
         self.conv2 = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAveragePool()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         c1 = self.conv1(x)
         c2 = self.conv2(c1)
-        return {"conv1": c1, "conv2": c2, "pool": self.pool(c2).flatten(1)}
+        return {"conv1": c1, "conv2": c2, "pool": self.pool(c2)}
 
 
 #: Architectures of the ``sbssl`` source: name -> constructor.

@@ -20,7 +20,7 @@ with job_log(snakemake.log[0]):
         definition = model_definition_from_dict(init["name"], {k: v for k, v in init.items() if k != "name"})
         verify_weights(definition, settings["init_weights"], snakemake.params.weights_lock)
     metrics = run_debias(w.dataset, w.method, int(w.seed), out, data=snakemake.params.data, options=settings,
-                         num_workers=max(0, snakemake.threads - 1))
+                         num_workers=max(0, snakemake.threads - 1), discard_other_settings=True)
     run = DebiasRun(w.dataset, w.method, int(w.seed))
     entry = debiased_zoo_entry(run, snakemake.output.model, settings["backbone"])
     assert entry.name == snakemake.params.model

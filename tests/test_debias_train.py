@@ -112,6 +112,11 @@ def test_finished_folder_and_other_settings(digits, tmp_path: Path) -> None:
     run_debias("colored-digits", "erm", 0, tmp_path / "k", data=digits, epochs=3, stop_after_epoch=1)
     with pytest.raises(ValueError, match="checkpoint of other settings"):
         run_debias("colored-digits", "groupdro", 0, tmp_path / "k", data=digits, epochs=3)
+    # the workflow's job: a stale checkpoint is discarded, and the run equals one in a fresh folder
+    fresh = run_debias("colored-digits", "groupdro", 0, tmp_path / "fresh", data=digits, epochs=2)
+    again = run_debias("colored-digits", "groupdro", 0, tmp_path / "k", data=digits, epochs=2,
+                       discard_other_settings=True)
+    assert again["history"] == fresh["history"] and again["worst_group_acc"] == fresh["worst_group_acc"]
     assert list(debias_table([tmp_path / "metrics.json"])["method"]) == ["erm"]
 
 

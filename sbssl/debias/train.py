@@ -87,6 +87,7 @@ from sbssl.debias.methods import (
 )
 from sbssl.debias.metrics import GroupAccuracy, group_accuracy
 from sbssl.io import atomic_path, write_json_atomic
+from sbssl.networks import SmallCNN
 
 METHODS = ("erm", "groupdro", "adversarial", "clusterfix")
 BACKBONES = ("small_cnn", "resnet50")
@@ -186,25 +187,6 @@ def make_config(dataset: str, *, epochs: int | None = None, options: Mapping[str
 
 
 # --- networks -----------------------------------------------------------------------------------------------
-
-class SmallCNN(nn.Module):
-    """Two 3x3 conv layers (32, 64 channels, ReLU) and global average pooling: (B, 3, H, W) -> 64-d; ``forward``
-    returns the taps ``conv1``, ``conv2`` (feature maps) and ``pool`` (B, 64). No BatchNorm: with it, this
-    network learnt the digits' shape fast enough that ERM's worst group reached ~0.9 on colored-digits,
-    leaving nothing to debias."""
-
-    out_features = 64
-
-    def __init__(self, in_channels: int = 3) -> None:
-        super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU())
-        self.conv2 = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU())
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        c1 = self.conv1(x)
-        c2 = self.conv2(c1)
-        return {"conv1": c1, "conv2": c2, "pool": c2.mean((2, 3))}
-
 
 def _resnet50_taps() -> nn.Module:
     """A torchvision ResNet-50 (``fc`` = identity, so its state_dict has torchvision's keys without ``fc``) whose
@@ -497,6 +479,7 @@ def run_debias(
     options: Mapping[str, Any] | None = None,
     num_workers: int = 0,
     stop_after_epoch: int | None = None,
+    discard_other_settings: bool = False,
 ) -> dict[str, Any]:
     """Train ``method`` on ``dataset`` with ``seed``; write ``out_dir/metrics.json`` and ``out_dir/model.pt``.
 
@@ -519,7 +502,9 @@ def run_debias(
       ``heads.pt``: its heads (target ``head.*``, ``pseudo_heads.*``, ``adversary.*``).
 
     A finished ``out_dir`` with the same settings returns its metrics at once; one with other settings (or a
-    checkpoint of other settings) is an error: use another folder or delete it.
+    checkpoint of other settings) is an error: use another folder or delete it. With
+    ``discard_other_settings`` a checkpoint of other settings is deleted and training starts afresh (the
+    workflow's jobs: Snakemake reruns a job exactly when its settings changed, so such a checkpoint is stale).
     """
     if method not in METHODS:
         raise ValueError(f"unknown debias method {method!r}; expected one of {list(METHODS)}")
@@ -545,11 +530,11 @@ def run_debias(
         debias_data = load_dataset(dataset, data, **loader_options)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with _deterministic_cudnn(), _threads(1 if dev.type == "cpu" and config.backbone == "small_cnn" else None):
-        return _run(debias_data, identity, config, out, dev, num_workers, stop_after_epoch)
+        return _run(debias_data, identity, config, out, dev, num_workers, stop_after_epoch, discard_other_settings)
 
 
 def _run(data: DebiasData, identity: dict[str, Any], config: DebiasConfig, out: Path, device: torch.device,
-         num_workers: int, stop_after_epoch: int | None) -> dict[str, Any]:
+         num_workers: int, stop_after_epoch: int | None, discard_other_settings: bool) -> dict[str, Any]:
     method, seed = identity["method"], identity["seed"]
     ckpt_path = out / "checkpoint.pt"
     checkpoint = None
@@ -557,7 +542,11 @@ def _run(data: DebiasData, identity: dict[str, Any], config: DebiasConfig, out: 
         # our own file; it holds numpy RNG states and result dataclasses, which weights_only refuses
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if checkpoint["identity"] != identity:
-            raise ValueError(f"{ckpt_path}: a checkpoint of other settings; use another folder or delete it")
+            if not discard_other_settings:
+                raise ValueError(f"{ckpt_path}: a checkpoint of other settings; use another folder or delete it")
+            print(f"{ckpt_path}: a checkpoint of other settings, discarded; training starts afresh")
+            ckpt_path.unlink()
+            checkpoint = None
 
     random.seed(seed)
     np.random.seed(seed)
