@@ -6,7 +6,7 @@ prints, for one zoo-style model (default: a timm ViT-L/14 at 224 px, 257 tokens 
 pooling ``flatten``, the worst case for memory and disk):
 - images/s of the bare forward pass (model calls only, on batches preprocessed beforehand),
 - images/s of the full extraction (decode + the model's own transform + one forward per batch + every default
-  layer + LZF HDF5), and their ratio (target >= 0.85),
+  layer + LZ4 HDF5), and their ratio (target >= 0.85),
 - peak RSS of the job (target <= 3 GB) and bytes on disk per image.
 
 Weights: ``--weights file`` (default) saves the random model as a safetensors file first and builds the model
@@ -171,7 +171,7 @@ def main() -> None:
     print(f"model               : {args.source} {args.architecture} ({args.weights} weights, built in "
           f"{figures['build_s']:.1f} s), input {figures['shape']}, {figures['preprocessing']} preprocessing")
     layers = ", ".join(f"{k}={v}" for k, v in figures["layers"].items())
-    print(f"layers              : {layers}; {figures['pooling']}, float32, LZF")
+    print(f"layers              : {layers}; {figures['pooling']}, float32, LZ4")
     print(f"setup               : {n} generated images, batch {args.batch_size}, {args.threads} torch threads, "
           f"device {figures['device']}")
     print(f"bare forward        : {bare_ips:7.3f} img/s")

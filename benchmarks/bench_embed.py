@@ -2,7 +2,7 @@
 
 Prints, for one randomly initialised ResNet-50 (``random_1`` of the zoo) on the same images:
 - images/s of the bare forward pass (model calls only, on batches preprocessed beforehand),
-- images/s of the full extraction (decode + preprocess + one forward per batch + six layers + LZF HDF5),
+- images/s of the full extraction (decode + preprocess + one forward per batch + six layers + LZ4 HDF5),
 - their ratio (target >= 0.85), forward passes (target = number of distinct images) and a second, cached run,
 - peak RSS of the extraction job and of the similarity job (each run in its own child process; the figure is
   the child's ru_maxrss from wait4, target <= 3 GB), and bytes on disk per layer and in all;
@@ -228,7 +228,7 @@ def main() -> None:
     total = sum(emb["bytes"].values())
     print(f"images              : {what}")
     print(f"setup               : batch {args.batch_size}, {args.threads} torch threads, device {emb['device']}, "
-          f"model random_1 (ResNet-50), layers {', '.join(LAYERS)}, flatten, float32, LZF")  # fmt: skip
+          f"model random_1 (ResNet-50), layers {', '.join(LAYERS)}, flatten, float32, LZ4")  # fmt: skip
     print(f"bare forward        : {bare_ips:7.2f} img/s  (model calls only, on batches decoded beforehand)")
     print(f"full extraction     : {full_ips:7.2f} img/s  (decode, preprocess, 1 forward/batch, 6 layers, HDF5 writes)")
     print(f"ratio full / bare   : {full_ips / bare_ips:7.3f}  (target >= 0.85; alternating every "

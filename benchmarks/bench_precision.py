@@ -8,7 +8,7 @@
    ``--replicates`` independent data sets. Prints how many p-values and significance calls change, and the
    largest |delta p| and |delta d|.
 2. Disk: bytes per image at the six flattened ResNet-50 layers, uncompressed (from the layer sizes) and as
-   written by :func:`sbssl.embed.embed_layers` (LZF) for ``--images`` images with a randomly initialised
+   written by :func:`sbssl.embed.embed_layers` (LZ4) for ``--images`` images with a randomly initialised
    ResNet-50 (``random_1`` of the zoo): real iEAT stimuli from ../shared when present, else generated images.
 
     .venv/bin/python benchmarks/bench_precision.py
@@ -127,8 +127,8 @@ def disk_part(args: argparse.Namespace, work: Path) -> None:
         what = f"{len(images)} generated images ({DEFAULT_STIMULI} not found)"
     spec = load_zoo(REPO / "config" / "models.yaml")["random_1"]
     model = build_model(spec)
-    print(f"disk per image      : {what}; random_1 (ResNet-50), flatten, LZF (MB = 1e6 bytes)")
-    print(f"  {'layer':8s} {'values':>9s} {'f32 raw':>8s} {'f32 LZF':>8s} {'f16 raw':>8s} {'f16 LZF':>8s}")
+    print(f"disk per image      : {what}; random_1 (ResNet-50), flatten, LZ4 (MB = 1e6 bytes)")
+    print(f"  {'layer':8s} {'values':>9s} {'f32 raw':>8s} {'f32 LZ4':>8s} {'f16 raw':>8s} {'f16 LZ4':>8s}")
     stored = {}
     for dtype in ("float32", "float16"):
         out = {layer: work / dtype / f"{layer}.h5" for layer in LAYERS}
@@ -142,7 +142,7 @@ def disk_part(args: argparse.Namespace, work: Path) -> None:
         print(f"  {layer:8s} {values:9d} " + " ".join(f"{v / 1e6:8.3f}" for v in row))
     print(f"  {'total':8s} {sum(int(np.prod(s)) for s in RESNET50_SHAPES.values()):9d} " + " ".join(f"{v / 1e6:8.3f}" for v in totals))
     print(f"664 iEAT images     : float32 {totals[1] * 664 / 1e9:.2f} GB, float16 {totals[3] * 664 / 1e9:.2f} GB per "
-          f"model (LZF, at these per-image sizes); x15 models: {totals[1] * 664 * 15 / 1e9:.0f} vs "
+          f"model (LZ4, at these per-image sizes); x15 models: {totals[1] * 664 * 15 / 1e9:.0f} vs "
           f"{totals[3] * 664 * 15 / 1e9:.0f} GB")  # fmt: skip
 
 
