@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: demo test test-fast lint clean-demo bench bench-gpu
+.PHONY: demo test test-fast lint clean-demo bench bench-debias bench-gpu
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_similarity.py
 	$(BIN)/python benchmarks/bench_embed.py --device cpu --limit 16
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python benchmarks/bench_dag.py
+
+bench-debias: $(STAMP)
+	$(BIN)/python benchmarks/bench_debias.py
 
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/bench_embed.py --device cuda --batch-size 64 $(if $(STIMULI),--stimuli $(STIMULI))
