@@ -53,6 +53,7 @@ SMALL = {
     "control": {"models": []},
     "paper_study": {"enabled": False},
     "probes": {"enabled": False},
+    "debias": {"enabled": False},
 }
 RUN_TIMEOUT = 420  # seconds per Snakemake run; a healthy one takes 1-3 minutes on 2 cores
 
@@ -73,8 +74,9 @@ def _skip_reason() -> str | None:
 
 
 def test_users_profile_bundles_the_demo(tmp_path):
-    """profiles/slurm, dry run (no cluster needed): the demo's 252 permutation tests (216 + 36 of the
-    control) in 3 bundles, one embedding job per model (3 + the control's 1), the layer probes in one."""
+    """profiles/slurm, dry run (no cluster needed): the demo's 684 permutation tests (216 of its models, 432
+    of the 12 debiased networks, 36 of the control) in 7 bundles, one embedding job per model (3 + 12 + the
+    control's 1), the layer probes in one."""
     work = copy_workflow(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "--configfile", "config/demo.yaml", "--profile", str(REPO / "profiles/slurm"), "-n"],
@@ -83,7 +85,7 @@ def test_users_profile_bundles_the_demo(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     groups = re.findall(r"Group job (\w+) \(jobs", proc.stdout + proc.stderr)
     assert {g: groups.count(g) for g in set(groups)} == {
-        "stimuli": 1, "embedding": 4, "permutation_tests": 3, "aggregates": 1, "probes": 1
+        "stimuli": 1, "embedding": 16, "permutation_tests": 7, "aggregates": 1, "probes": 1
     }
 
 
