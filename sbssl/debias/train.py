@@ -76,7 +76,6 @@ import sbssl
 from sbssl.debias.datasets import DATASETS, DebiasData, Split, load_dataset
 from sbssl.debias.methods import (
     CLUSTERFIX_VARIANTS,
-    Clusters,
     adversary_mlp,
     assign_to_centres,
     clusterfix_sample_weights,
