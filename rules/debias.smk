@@ -7,6 +7,7 @@
 # Included only when enabled (Snakefile): its imports (torch, the training code) cost every other run time.
 from sbssl.debias.audit import DebiasRun, debiased_model_name, debiased_zoo_entry
 from sbssl.debias.datasets import WATERBIRDS_FOLDER
+from sbssl.debias.train import method_settings
 
 DEBIAS_DATASETS = D["datasets"]
 # What a run's numbers depend on, per data set: every setting (sbssl.debias.DebiasConfig), checked here.
@@ -66,7 +67,7 @@ rule debias_train:
         model=f"{DB}/{{dataset}}/{{method}}/{{seed}}/model.pt",
         lock=f"{DB}/{{dataset}}/{{method}}/{{seed}}/weights.lock",
     params:
-        settings=lambda w: DEBIAS_SETTINGS[w.dataset],
+        settings=lambda w: method_settings(DEBIAS_SETTINGS[w.dataset], w.method),
         data=lambda w: None if w.dataset == "colored-digits" else D["data"].get(w.dataset, WATERBIRDS_DIR),
         model=lambda w: debiased_model_name(DebiasRun(w.dataset, w.method, int(w.seed))),
         init_model=debias_init_model,

@@ -1,7 +1,8 @@
 """One debiasing run (sbssl.debias.run_debias): metrics.json, the selected epoch's backbone (model.pt) and the
 lock of its sha256 (weights.lock) against which the audit's embedding job verifies it.
 
-params: settings (every sbssl.debias.DebiasConfig field), data (the data set's folder, None when embedded),
+params: settings (the sbssl.debias.DebiasConfig fields that change this method's numbers; the others keep their
+defaults), data (the data set's folder, None when embedded),
 model (the backbone's zoo name), init_model (the zoo model whose checkpoint, settings["init_weights"], initialises
 the backbone: verified against weights_lock first; None). The device is CUDA when present.
 """

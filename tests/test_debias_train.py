@@ -184,3 +184,16 @@ def test_resnet50_on_a_tiny_waterbirds_folder(tmp_path: Path, one_thread) -> Non
     adv = run_debias("waterbirds", "adversarial", 0, tmp_path / "adv", data=folder, epochs=1,
                      options={"image_size": 16, "batch_size": 4})
     assert adv["config"]["adv_layer"] == "layer4" and adv["config"]["adv_lambda"] == 2.0
+
+
+def test_method_settings_keep_shared_and_own_fields_only() -> None:
+    settings = T.default_config("colored-digits")
+    erm = T.method_settings(settings, "erm")
+    assert "lr" in erm and "epochs" in erm and not any(k.startswith(("dro_", "adv_", "cf_")) for k in erm)
+    clusterfix = T.method_settings(settings, "clusterfix")
+    assert clusterfix["cf_beta"] == settings["cf_beta"] and "adv_lambda" not in clusterfix
+    assert set(T.method_settings(settings, "adversarial")) == set(erm) | {k for k in settings if k.startswith("adv_")}
+    # every field is someone's: the union over methods is the whole config
+    assert set().union(*(T.method_settings(settings, m) for m in T.METHODS)) == set(settings)
+    with pytest.raises(ValueError, match="unknown debias method 'dann'"):
+        T.method_settings(settings, "dann")

@@ -466,3 +466,31 @@ def test_coco_branch_from_a_local_annotation_folder(tmp_path):
     for label in ("label_bicycle", "label_teddy_bear"):
         per_gender = subset[subset[label] == 1].groupby(["split", "gender"]).size().unstack(fill_value=0)
         assert (per_gender["man"] == per_gender["woman"]).all()
+
+
+def test_debias_runs_rerun_only_for_what_defines_them(tmp_path):
+    """A debiasing run reruns for its own method's settings only; adding a seed runs only its jobs."""
+    work = copy_workflow(tmp_path)
+    target = "results/demo/tables/debias.csv"
+    base = {"enabled": True, "methods": ["erm", "clusterfix"], "seeds": [0], "epochs": 1, "audit": False}
+
+    def planned(debias: dict) -> set[tuple[str, str, str]]:
+        config = write_config(work, "debias.yaml", {"debias": debias})
+        out = snakemake(work, "--configfile", "config/demo.yaml", str(config), "-n", target)
+        return {(rule, w.get("method", ""), w.get("seed", "")) for rule, w in planned_jobs(out.stdout) if rule != "all"}
+
+    config = write_config(work, "debias.yaml", {"debias": base})
+    snakemake(work, "--configfile", "config/demo.yaml", str(config), "--cores", "2", target)
+    assert planned(base) == set()
+    assert planned({**base, "seeds": [0, 1]}) == {
+        ("debias_train", "erm", "1"), ("debias_train", "clusterfix", "1"), ("debias_table", "", "")}
+    # ClusterFix's beta is not an ERM setting: only the ClusterFix run reruns
+    assert planned({**base, "options": {"colored-digits": {"cf_beta": 0.1}}}) == {
+        ("debias_train", "clusterfix", "0"), ("debias_table", "", "")}
+    assert planned({**base, "options": {"colored-digits": {"lr": 0.01}}}) == {
+        ("debias_train", "erm", "0"), ("debias_train", "clusterfix", "0"), ("debias_table", "", "")}
+    runs = pd.read_csv(work / "results/demo/tables/debias_runs.csv")
+    assert sorted(runs["method"]) == ["clusterfix", "erm"] and (runs["epochs"] == 1).all()
+    bad = write_config(work, "bad.yaml", {"debias": {**base, "options": {"colored-digits": {"adv_lamda": 2}}}})
+    out = snakemake(work, "--configfile", "config/demo.yaml", str(bad), "-n", target, check=False)
+    assert out.returncode != 0 and "debias.options.colored-digits" in out.stdout + out.stderr

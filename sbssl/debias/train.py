@@ -151,6 +151,20 @@ def default_config(dataset: str) -> dict[str, Any]:
     return {**fields, **_DEFAULTS[dataset]}
 
 
+#: Setting prefixes that belong to one method only; every other setting is shared by all methods.
+METHOD_PREFIXES = {"groupdro": "dro_", "adversarial": "adv_", "clusterfix": "cf_"}
+
+
+def method_settings(settings: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The part of ``settings`` (:class:`DebiasConfig` fields) that changes ``method``'s numbers: the shared
+    settings and the method's own (``dro_*`` GroupDRO, ``adv_*`` adversarial, ``cf_*`` ClusterFix), without the
+    other methods' (the workflow's params: changing ClusterFix's β must not rerun ERM)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown debias method {method!r}; expected one of {list(METHODS)}")
+    others = tuple(prefix for m, prefix in METHOD_PREFIXES.items() if m != method)
+    return {key: value for key, value in settings.items() if not key.startswith(others)}
+
+
 def make_config(dataset: str, *, epochs: int | None = None, options: Mapping[str, Any] | None = None) -> DebiasConfig:
     """:func:`default_config` with ``options`` (any :class:`DebiasConfig` field) and ``epochs`` applied, checked.
 
