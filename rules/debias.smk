@@ -73,7 +73,9 @@ rule debias_train:
         init_model=debias_init_model,
         weights_lock=WEIGHTS_LOCK,
         code=code_digest("debias"),
-    threads: 2
+    # the small CNN trains on one CPU thread (sbssl.debias.run_debias), so two runs share 2 cores; the
+    # ResNet-50 runs decode images with threads - 1 workers
+    threads: lambda w: 1 if w.dataset == "colored-digits" else 4
     resources:
         # the embedded set trains a small CNN in minutes on CPU; the others a ResNet-50 on a GPU
         gpu=lambda w: 0 if w.dataset == "colored-digits" else 1,
