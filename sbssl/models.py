@@ -23,7 +23,7 @@ import hashlib
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -118,32 +118,23 @@ class LayerLabel:
     depth: float | None = None
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """One zoo entry. ``weights`` is None exactly for random models, which have an ``init_seed`` instead.
-    ``layer_labels``: slug -> :class:`LayerLabel` for layers the entry titles itself."""
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec(ModelDefinition):
+    """One zoo entry: its definition (the fields of :class:`ModelDefinition`, positional) and its labels
+    (keyword-only): ``title``, ``family``, ``meta_group``, ``imagenet_top1`` and ``layer_labels`` (slug ->
+    :class:`LayerLabel` for layers the entry titles itself). ``weights`` is None exactly for random models,
+    which have an ``init_seed`` instead."""
 
-    name: str
     title: str
     family: str
-    meta_group: str | None
-    imagenet_top1: float | None
-    architecture: str
-    weights: WeightsSpec | None
-    init_seed: int | None
-    source: str = DEFAULT_SOURCE
-    layers: tuple[tuple[str, str], ...] | None = None
-    pooling: str | None = None
-    preprocessing: str | None = None
+    meta_group: str | None = None
+    imagenet_top1: float | None = None
     layer_labels: Mapping[str, LayerLabel] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def definition(self) -> ModelDefinition:
-        """What this model's numbers depend on (see :class:`ModelDefinition`)."""
-        return ModelDefinition(
-            self.name, self.architecture, self.weights, self.init_seed, self.source, self.layers, self.pooling,
-            self.preprocessing,
-        )  # fmt: skip
+        """What this model's numbers depend on: its :class:`ModelDefinition` fields, without the labels."""
+        return ModelDefinition(**{f.name: getattr(self, f.name) for f in fields(ModelDefinition)})
 
 
 def _as_definition(model: ModelSpec | ModelDefinition) -> ModelDefinition:
@@ -272,11 +263,9 @@ def _model_spec(path: Path, name: Any, raw: Any) -> ModelSpec:
     }
     top1 = raw.get("imagenet_top1")
     return ModelSpec(
-        name=name, title=str(raw["title"]), family=str(raw["family"]), meta_group=raw.get("meta_group"),
-        imagenet_top1=None if top1 is None else float(top1), architecture=definition.architecture,
-        weights=definition.weights, init_seed=definition.init_seed, source=definition.source,
-        layers=definition.layers, pooling=definition.pooling, preprocessing=definition.preprocessing,
-        layer_labels=labels,
+        **{f.name: getattr(definition, f.name) for f in fields(ModelDefinition)}, title=str(raw["title"]),
+        family=str(raw["family"]), meta_group=raw.get("meta_group"),
+        imagenet_top1=None if top1 is None else float(top1), layer_labels=labels,
     )  # fmt: skip
 
 

@@ -106,7 +106,7 @@ def _batch(transform, stimuli) -> torch.Tensor:
 
 
 def _spec(name: str, source: str, architecture: str, *, seed: int | None = 3, weights=None, **extra) -> ModelSpec:
-    return ModelSpec(name, name, "random", None, None, architecture, weights, seed, source=source, **extra)
+    return ModelSpec(name, architecture, weights, seed, source=source, title=name, family="random", **extra)
 
 
 # --- one random model per source ---------------------------------------------------------------------------

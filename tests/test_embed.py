@@ -641,8 +641,8 @@ def test_embed_model_takes_the_entrys_layers_pooling_and_preprocessing(images, t
         shutil.copy(path, root / "cat" / "concept" / path.name)
     manifest = tmp_path / "manifest.csv"
     write_manifest(build_manifest(root), manifest)
-    spec = ModelSpec("vit_t", "ViT", "random", None, None, "vit_tiny_patch16_224", None, 1, source="timm",
-                     pooling="cls")  # fmt: skip
+    spec = ModelSpec("vit_t", "vit_tiny_patch16_224", None, 1, source="timm", pooling="cls", title="ViT",
+                     family="random")  # fmt: skip
     out = {"block6": tmp_path / "block6.h5"}
     report = embed_model(spec, None, manifest, root, out, batch_size=2, progress=False)
     assert report.computed_layers == ("block6",)

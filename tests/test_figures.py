@@ -162,7 +162,7 @@ def test_depth_figure_puts_models_of_different_depth_on_one_axis(summary, tmp_pa
     from sbssl.models import LayerLabel
 
     # a ViT whose two layers are named by slugs of its own, beside the ResNets of the summary
-    vit = ModelSpec("vit", "VIT", "contrastive", None, None, "vit_tiny_patch16_224", None, 0, source="timm",
+    vit = ModelSpec("vit", "vit_tiny_patch16_224", None, 0, source="timm", title="VIT", family="contrastive",
                     layers=(("block6", "blocks.5"), ("final", "norm")),
                     layer_labels={"block6": LayerLabel("Block 6", 0.5), "final": LayerLabel("Final norm", 1.0)})
     rows = _tests()

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _spec(source: str, architecture: str, layers=None, labels=None) -> ModelSpec:
-    return ModelSpec("m", "M", "random", None, None, architecture, None, 0, source=source, layers=layers,
+    return ModelSpec("m", architecture, None, 0, source=source, layers=layers, title="M", family="random",
                      layer_labels=labels or {})  # fmt: skip
 
 

@@ -31,7 +31,7 @@ from sbssl.models import (
 )
 
 ZOO = Path(__file__).resolve().parents[1] / "config" / "models.yaml"
-RANDOM = ModelSpec("random_9", "Random 9", "random", None, None, "resnet50", None, 9)
+RANDOM = ModelSpec("random_9", "resnet50", None, 9, title="Random 9", family="random")
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +122,8 @@ def test_fetch_convert_build_round_trip(fmt: str, original: dict[str, torch.Tens
     torch.save(LAYOUTS[fmt](original), source, _use_new_zipfile_serialization=fmt != "mmselfsup")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     spec = ModelSpec(
-        f"m_{fmt}", fmt, "contrastive", None, 50.0, "resnet50",
-        WeightsSpec(url=source.as_uri(), format=fmt, sha256_prefix=digest[:8]), None,
+        f"m_{fmt}", "resnet50", WeightsSpec(url=source.as_uri(), format=fmt, sha256_prefix=digest[:8]), None,
+        title=fmt, family="contrastive", imagenet_top1=50.0,
     )
     lock = tmp_path / "weights.lock"
     path = fetch_weights(spec, tmp_path / "pretrains", lock, progress=False)
@@ -161,7 +161,8 @@ def test_wrong_layout_for_the_format(original: dict[str, torch.Tensor]) -> None:
 
 
 def _tv_spec(path: Path) -> ModelSpec:
-    return ModelSpec("tv", "TV", "supervised", None, 76.1, "resnet50", WeightsSpec(path.as_uri(), "torchvision"), None)
+    return ModelSpec("tv", "resnet50", WeightsSpec(path.as_uri(), "torchvision"), None, title="TV", family="supervised",
+                     imagenet_top1=76.1)
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named(original: dict[str, torch.Tensor], tmp_path: Path) -> None:
