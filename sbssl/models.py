@@ -27,10 +27,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-import yaml
 
-from sbssl.io import read_yaml, write_text_atomic
-from sbssl.locks import exclusive
+from sbssl.io import read_yaml
+from sbssl.locks import exclusive, write_digest_lock
 
 if TYPE_CHECKING:  # torch is imported lazily: loading the zoo must stay cheap for the DAG and the figures
     import torch
@@ -413,10 +412,7 @@ def _record(definition: ModelDefinition, lock_path: Path, sha256: str) -> None:
                 )
             return
         entries[definition.name] = LockedWeights(url=weights.url, sha256=sha256)
-        body = yaml.safe_dump(  # models sorted by name; url before sha256 within each
-            {name: asdict(entries[name]) for name in sorted(entries)}, sort_keys=False, width=10_000
-        )
-        write_text_atomic(lock_path, _LOCK_HEADER + body)
+        write_digest_lock(lock_path, {name: asdict(entry) for name, entry in entries.items()}, _LOCK_HEADER)
 
 
 def write_weights_lock(
@@ -432,8 +428,7 @@ def write_weights_lock(
     definition = _as_definition(model)
     weights = _require_weights(definition)
     sha256 = file_digests(Path(path))["sha256"]
-    body = yaml.safe_dump({definition.name: {"url": weights.url, "sha256": sha256}}, sort_keys=False, width=10_000)
-    write_text_atomic(lock_path, _LOCK_HEADER + body)
+    write_digest_lock(lock_path, {definition.name: {"url": weights.url, "sha256": sha256}}, _LOCK_HEADER)
     return sha256
 
 
