@@ -222,6 +222,14 @@ def _cmd_fetch_waterbirds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_archive_arguments(p: argparse.ArgumentParser, dest: str, dest_help: str, url_help: str) -> None:
+    """The options of a subcommand that fetches a data archive against the data lock."""
+    p.add_argument("--dest", default=dest, help=f"{dest_help} (default: %(default)s)")
+    p.add_argument("--lock", default="config/data.lock", help="data lock: the archive's sha256 (default: %(default)s)")
+    p.add_argument("--url", default=None, help=f"https:// or file:// address of {url_help}")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sbssl.backbones import MODEL_PREPROCESSING
     from sbssl.embed import PREPROCESSING
@@ -319,11 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_leakage)
 
     p = sub.add_parser("fetch-coco", help="download the COCO 2014 annotation archive (sha256 pinned), extract its JSONs")
-    p.add_argument("--dest", default="data/coco", help="folder for the archive and the JSONs (default: %(default)s)")
-    p.add_argument("--lock", default="config/data.lock", help="data lock: the archive's sha256 (default: %(default)s)")
-    p.add_argument("--url", default=None, help="https:// or file:// address of annotations_trainval2014.zip "
-                   "(default: the official one, sbssl.coco.COCO_ANNOTATIONS_URL)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_archive_arguments(p, "data/coco", "folder for the archive and the JSONs", "annotations_trainval2014.zip "
+                           "(default: the official one, sbssl.coco.COCO_ANNOTATIONS_URL)")
     p.set_defaults(func=_cmd_fetch_coco)
 
     p = sub.add_parser("coco-annotations", help="COCO 2014 gender annotations table (ANN.csv) from the official JSONs")
@@ -361,11 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_debias)
 
     p = sub.add_parser("fetch-waterbirds", help="download the Waterbirds archive (sha256 locked on first fetch), extract it")
-    p.add_argument("--dest", default="data/waterbirds", help="folder for the archive and the data (default: %(default)s)")
-    p.add_argument("--lock", default="config/data.lock", help="data lock: the archive's sha256 (default: %(default)s)")
-    p.add_argument("--url", default=None, help="https:// or file:// address of the archive (default: "
-                   "sbssl.debias.datasets.WATERBIRDS_URL)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_archive_arguments(p, "data/waterbirds", "folder for the archive and the data",
+                           "the archive (default: sbssl.debias.datasets.WATERBIRDS_URL)")
     p.set_defaults(func=_cmd_fetch_waterbirds)
     return parser
 
