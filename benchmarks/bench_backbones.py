@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_process import run_child  # noqa: E402
+from child_process import bare_forward_seconds, run_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,16 +82,7 @@ def vit_extraction_vs_bare(config: dict) -> dict:
         model(example[None].expand(size, *example.shape).to(device))
 
     def bare(group: list) -> float:
-        seconds = 0.0
-        with torch.inference_mode():
-            for b0 in range(0, len(group), size):
-                batch = torch.stack([backbone.transform(load_image(p)) for _, p in group[b0 : b0 + size]])
-                t1 = time.perf_counter()
-                model(batch.to(device))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds += time.perf_counter() - t1
-        return seconds
+        return bare_forward_seconds(model, group, backbone.transform, size, device)
 
     def full(group: list, folder: Path):
         paths = {slug: folder / f"{slug}.h5" for slug in layers}

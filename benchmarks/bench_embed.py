@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_process import run_child  # noqa: E402
+from child_process import bare_forward_seconds, run_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 #: The full study: 15 models, the distinct iEAT images, 15 x 6 x 39 x 3 permutation tests.
@@ -100,7 +100,7 @@ def _child(mode: str, config: dict) -> dict:
 
     from sbssl.embed import PREPROCESSING, embed_layers, embedding_attrs, resolve_device
     from sbssl.models import build_model, load_zoo
-    from sbssl.stimuli import distinct_images, load_image, read_manifest
+    from sbssl.stimuli import distinct_images, read_manifest
 
     torch.set_num_threads(config["threads"])
     device = resolve_device(config["device"])
@@ -112,17 +112,7 @@ def _child(mode: str, config: dict) -> dict:
     with torch.inference_mode():  # warm-up (allocator, oneDNN/cuDNN kernels), timed in neither figure
         model(torch.zeros(size, 3, 224, 224, device=device))
     def bare(group: list) -> float:
-        """Seconds spent in model calls alone on ``group`` (decoded and preprocessed beforehand)."""
-        forward = 0.0
-        with torch.inference_mode():
-            for b0 in range(0, len(group), size):
-                batch = torch.stack([PREPROCESSING["sbssl"](load_image(p)) for _, p in group[b0 : b0 + size]])
-                t0 = time.perf_counter()
-                model(batch.to(device))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                forward += time.perf_counter() - t0
-        return forward
+        return bare_forward_seconds(model, group, PREPROCESSING["sbssl"], size, device)
 
     def full(group: list, paths: dict):
         return embed_layers(
