@@ -69,7 +69,6 @@ rule debias_train:
     params:
         settings=lambda w: method_settings(DEBIAS_SETTINGS[w.dataset], w.method),
         data=lambda w: None if w.dataset == "colored-digits" else D["data"].get(w.dataset, WATERBIRDS_DIR),
-        model=lambda w: debiased_model_name(DebiasRun(w.dataset, w.method, int(w.seed))),
         init_model=debias_init_model,
         weights_lock=WEIGHTS_LOCK,
         code=code_digest("debias"),

@@ -2,9 +2,9 @@
 lock of its sha256 (weights.lock) against which the audit's embedding job verifies it.
 
 params: settings (the sbssl.debias.DebiasConfig fields that change this method's numbers; the others keep their
-defaults), data (the data set's folder, None when embedded),
-model (the backbone's zoo name), init_model (the zoo model whose checkpoint, settings["init_weights"], initialises
-the backbone: verified against weights_lock first; None). The device is CUDA when present.
+defaults), data (the data set's folder, None when embedded), init_model (the zoo model whose checkpoint,
+settings["init_weights"], initialises the backbone: verified against weights_lock first; None). The device is
+CUDA when present.
 """
 from pathlib import Path
 
@@ -24,7 +24,6 @@ with job_log(snakemake.log[0]):
                          num_workers=max(0, snakemake.threads - 1), discard_other_settings=True)
     run = DebiasRun(w.dataset, w.method, int(w.seed))
     entry = debiased_zoo_entry(run, snakemake.output.model, settings["backbone"])
-    assert entry.name == snakemake.params.model
     sha256 = write_weights_lock(entry, snakemake.output.model, snakemake.output.lock)
     print(f"{w.method} on {w.dataset}, seed {w.seed}: test worst-group accuracy {metrics['worst_group_acc']:.3f}, "
           f"average {metrics['avg_acc']:.3f} (epoch {metrics['best_epoch']}); model.pt sha256 {sha256}")
