@@ -1,10 +1,11 @@
 """Throughput of the permutation stage of the full study against trivial jobs of the same DAG shape, and the
 dry-run time of the full study's DAG.
 
-Builds a scratch copy of the workflow with the full study's shape (15 models x 6 layers x 39 tests x
-3 seeds = 10,530 association_test jobs, 10,000 permutations) over small random similarity files, so
+Builds a scratch copy of the workflow with the full study's shape (15 models x 6 layers x 39 tests =
+3,510 association_test jobs of 3 seeds each, 10,530 tests of 10,000 permutations) over small random
+similarity files, so
 only the DAG, the scheduler and the permutation jobs are measured (no model is run). A second copy is
-identical except that the `run:` body of rule association_test only writes a tiny JSON (same rules,
+identical except that the `run:` body of rule association_test only writes a tiny JSON per seed (same rules,
 wildcards, params, inputs, outputs and log; the same profile: threads, greedy scheduler). Both run the
 association_test jobs only (``--until association_test``), one after the other, in this one run; the
 script prints both rates, their ratio (target >= 0.8) and the peak RSS of the Snakemake process (every
@@ -43,12 +44,13 @@ from sbssl.storage import write_sha256  # noqa: E402
 from sbssl.stimuli import distinct_images, read_manifest  # noqa: E402
 
 TARGET = "results/tables/tests.csv"
-# The trivial body: what Snakemake itself needs a job to do (its output), nothing of ours.
+# The trivial body: what Snakemake itself needs a job to do (its outputs, one per seed), nothing of ours.
 TRIVIAL_BODY = """    run:
         import json
 
-        with open(output[0], "w") as handle:
-            json.dump({"test": wildcards.test, "seed": int(wildcards.seed)}, handle)
+        for seed, out in zip(SEEDS, output):
+            with open(out, "w") as handle:
+                json.dump({"test": wildcards.test, "seed": seed}, handle)
 
 """
 
@@ -125,7 +127,8 @@ def main() -> int:
     dry = snakemake(real, "--configfile", "bench.yaml", "-n", TARGET, "--until", "association_test")
     dry_seconds = time.perf_counter() - start
     jobs = planned_jobs(dry.stdout)
-    n_tests = sum(rule == "association_test" for rule, _ in jobs)
+    n_jobs = sum(rule == "association_test" for rule, _ in jobs)
+    n_tests = n_jobs * len(config["seeds"])
     if {rule for rule, _ in jobs} != {"association_test"}:
         raise SystemExit(f"unexpected jobs planned: {sorted({rule for rule, _ in jobs})}")
 
@@ -135,14 +138,16 @@ def main() -> int:
     trivial_s, real_s = trivial_run.seconds, real_run.seconds
     done = sum(1 for _ in (real / "results/tests").rglob("*.json"))
     if done != n_tests:
-        raise SystemExit(f"{done} result files for {n_tests} jobs")
+        raise SystemExit(f"{done} result files for {n_jobs} jobs of {len(config['seeds'])} seeds")
 
     print(f"workdir: {base}")
-    print(f"models x layers x tests x seeds: {len(models)} x {len(LAYERS)} x {len(catalogue)} x 3 = {n_tests} jobs")
+    print(f"models x layers x tests: {len(models)} x {len(LAYERS)} x {len(catalogue)} = {n_jobs} jobs, "
+          f"x 3 seeds = {n_tests} tests")  # fmt: skip
     print(f"distinct images per similarity matrix: {len(hashes)}; {args.cores} cores; profile: profiles/default")
-    print(f"dry run of these {n_tests} jobs: {dry_seconds:.1f} s")
-    print(f"trivial jobs (same DAG, body writes a tiny JSON): {trivial_s:.1f} s, {n_tests / trivial_s:.1f} jobs/s")
-    print(f"association_test jobs (10,000 permutations, bootstrap 2,000): {real_s:.1f} s, {n_tests / real_s:.1f} jobs/s")
+    print(f"dry run of these {n_jobs} jobs: {dry_seconds:.1f} s")
+    print(f"trivial jobs (same DAG, body writes a tiny JSON per seed): {trivial_s:.1f} s, {n_jobs / trivial_s:.1f} jobs/s")
+    print(f"association_test jobs (10,000 permutations, bootstrap 2,000): {real_s:.1f} s, {n_jobs / real_s:.1f} jobs/s, "
+          f"{n_tests / real_s:.1f} tests/s")  # fmt: skip
     print(f"ratio permutation stage / trivial: {trivial_s / real_s:.2f} (target >= 0.8)")
     print(f"peak RSS of the Snakemake process: {real_run.peak_rss_mb:.0f} MB with the test jobs, "
           f"{trivial_run.peak_rss_mb:.0f} MB trivial "

@@ -3,11 +3,13 @@
 # What reruns a job is exactly what defines its numbers, nothing else:
 # - params carry the definition of each result: the model's definition (architecture, weights, init seed;
 #   never its title, family or other labels, which are joined at table time), the embedding settings
-#   that change values (preprocessing, pooling, dtype), the test's image sets, permutations, seed,
+#   that change values (preprocessing, pooling, dtype), the test's image sets, permutations,
 #   alternative, and the digest of the sbssl code the stage runs (sbssl.provenance: Snakemake's own code
 #   trigger does not see an imported package);
 # - input functions look up only their own job's wildcards, so adding a model or a test changes no other
 #   job's params;
+# - a test job's seeds are its output files (seed_results), not a param: removing a seed reruns nothing,
+#   adding one reruns each test job (rules/tests.smk says why they share a job);
 # - the embedding job covers every layer of the model and writes the similarity matrices itself
 #   (rules/embed.smk), so selecting another layer or keeping/dropping the embeddings reruns nothing
 #   that is finished.
@@ -203,6 +205,11 @@ def layer_file(wildcards, input):
 def model_layer_list(wildcards):
     """This job's model's layers (all of them: the embedding job covers every layer)."""
     return MODEL_LAYERS[wildcards.model]
+
+
+def seed_results(prefix):
+    """A (model, layer, test) job's result files under ``prefix``, one per seed of the config, in its order."""
+    return [f"{prefix}/tests/{{model}}/{{layer}}/{{test}}/{seed}.json" for seed in SEEDS]
 
 
 def test_results(prefix, models, tests):

@@ -25,9 +25,9 @@ use rule association_test as control_association_test with:
         similarity=f"{C}/similarity/{{model}}",
         manifest=MANIFEST,
     output:
-        f"{C}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
+        seed_results(C),
     log:
-        f"{C}/logs/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.log",
+        f"{C}/logs/tests/{{model}}/{{layer}}/{{test}}.log",
 
 
 use rule tests_table as control_tests_table with:

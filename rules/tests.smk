@@ -1,12 +1,16 @@
-# Stage 4: one permutation test per (model, layer, test, seed), then the per-test table.
-# About 10,500 jobs in the full study: the job body runs in the Snakemake process (`run:` with
-# force-use-threads in profiles/default) and reads the similarity matrix through an in-process cache,
-# so a job costs milliseconds instead of a Python start-up (benchmarks/bench_dag.py measures it).
-# `code` is not used by the body: the digest of the test stage's sbssl code, so that a change of it
-# reruns the tests.
+# Stage 4: one job per (model, layer, test) runs its permutation test with every seed (one result file
+# per seed), then the per-test table. About 3,500 jobs in the full study (4,200 with the control): the
+# job body runs in the Snakemake process (`run:` with force-use-threads in profiles/default) and reads
+# the similarity matrix through an in-process cache, so a job costs milliseconds instead of a Python
+# start-up (benchmarks/bench_dag.py measures it). `code` is not used by the body: the digest of the test
+# stage's sbssl code, so that a change of it reruns the tests.
 #
-# Snakemake evaluates each job's params and resources one by one, so with ~12,600 test jobs (control
-# included) the rule is kept lean for the dry run and the DAG (benchmarks/bench_dryrun.py):
+# Snakemake's own cost is about a millisecond per job, in the dry run and in the DAG, so the seeds share a
+# job: a job per seed tripled the DAG and the full study's dry run took 14 s (benchmarks/bench_dryrun.py).
+# The price: adding a seed reruns every test job, and the existing seeds' files come back with the same
+# bytes (a seed's result depends only on its own seed). Adding a model, layer or test still runs only its
+# jobs. The seeds are not a param: removing one leaves the finished jobs complete.
+# The rule is also kept lean for the DAG:
 # - the function params carry their signature: Snakemake inspects it three times per job and param, and
 #   a stored __signature__ makes inspect.signature a lookup;
 # - tmpdir is fixed at parse time instead of Snakemake's default expression, which it evaluates with
@@ -25,7 +29,7 @@ rule association_test:
         similarity=f"{R}/similarity/{{model}}",
         manifest=MANIFEST,
     output:
-        f"{R}/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.json",
+        seed_results(R),
     params:
         test=test_definition,
         options={"permutations": config["permutations"], "alternative": config["alternative"], **config["bootstrap"]},
@@ -36,14 +40,14 @@ rule association_test:
         runtime=5,
         tmpdir=tempfile.gettempdir(),
     log:
-        f"{R}/logs/tests/{{model}}/{{layer}}/{{test}}/{{seed}}.log",
+        f"{R}/logs/tests/{{model}}/{{layer}}/{{test}}.log",
     run:
-        from sbssl.runner import record_association_test, single_threaded_blas
+        from sbssl.runner import record_association_tests, single_threaded_blas
 
         single_threaded_blas()  # these jobs are threads of Snakemake: BLAS threads would only spin
-        record_association_test(
-            params.layer_file, input.manifest, params.test, output[0], log[0],
-            model=wildcards.model, layer=wildcards.layer, seed=int(wildcards.seed), **params.options,
+        record_association_tests(
+            params.layer_file, input.manifest, params.test, dict(zip(SEEDS, output)), log[0],
+            model=wildcards.model, layer=wildcards.layer, **params.options,
         )  # fmt: skip
 
 

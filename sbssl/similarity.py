@@ -8,6 +8,7 @@ thousands of times. The file formats are those of :mod:`sbssl.storage`; each sim
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,9 +50,14 @@ class SimilarityMatrix:
     sha256: list[str]
     attrs: dict[str, Any]
 
+    @functools.cached_property
+    def _position(self) -> dict[str, int]:
+        # Built once per matrix: the workflow looks up four concepts per test in the same cached matrix.
+        return {sha: i for i, sha in enumerate(self.sha256)}
+
     def indices(self, hashes: Sequence[str]) -> np.ndarray:
         """Row indices (int64, same order, repeats kept) of the images with these sha256 hashes."""
-        position = {sha: i for i, sha in enumerate(self.sha256)}
+        position = self._position
         missing = [sha for sha in hashes if sha not in position]
         if missing:
             raise KeyError(

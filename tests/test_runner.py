@@ -15,7 +15,7 @@ from sbssl.provenance import provenance
 from sbssl.runner import (
     RESULT_KEYS,
     RESULT_SCHEMA,
-    record_association_test,
+    record_association_tests,
     result_problems,
     run_association_test,
 )
@@ -69,8 +69,8 @@ def _run(root, test=TEST, seed=3, **kwargs):
 
 def _record(root, name, test=TEST, seed=0, **kwargs):
     out = root / "out" / f"{name}.json"
-    record_association_test(root / "sim.h5", root / "manifest.csv", test, out, root / "log" / f"{name}.log",
-                            seed=seed, **{**RUN, **kwargs})  # fmt: skip
+    record_association_tests(root / "sim.h5", root / "manifest.csv", test, {seed: out}, root / "log" / f"{name}.log",
+                             **{**RUN, **kwargs})  # fmt: skip
     return out
 
 
@@ -145,6 +145,21 @@ def test_degenerate_result_is_null_in_standard_json_and_read_back(study):
     assert "d=undefined" in (root / "log/deg.log").read_text()
 
 
+def test_a_seeds_result_is_the_same_bytes_whichever_seeds_share_its_job(study):
+    # The workflow runs every seed of a (model, layer, test) in one job: adding a seed reruns the job, and
+    # the finished seeds must come back unchanged.
+    root, _, _ = study
+    alone, together = root / "out/alone.json", {seed: root / f"out/together_{seed}.json" for seed in (0, 1)}
+    record_association_tests(root / "sim.h5", root / "manifest.csv", TEST, {1: alone}, root / "log/alone.log", **RUN)
+    rows = record_association_tests(root / "sim.h5", root / "manifest.csv", TEST, together, root / "log/both.log", **RUN)
+    assert together[1].read_bytes() == alone.read_bytes()
+    assert [row["seed"] for row in rows] == [0, 1] and _strict_json(together[0])["seed"] == 0
+    assert rows[0]["p"] != rows[1]["p"]  # sampled p-values: the seeds differ
+    assert [line.split(": ")[0] for line in (root / "log/both.log").read_text().splitlines()] == [
+        "m avgpool t seed=0", "m avgpool t seed=1",
+    ]
+
+
 def test_missing_concept_is_a_clear_error(study):
     root, _, _ = study
     with pytest.raises(ValueError, match=r"'c/nothing'"):
@@ -183,6 +198,33 @@ def test_cache_rereads_a_replaced_file_with_the_same_size_and_mtime(study):
 def test_schema_is_valid_and_matches_the_keys():
     jsonschema.Draft202012Validator.check_schema(RESULT_SCHEMA)
     assert RESULT_SCHEMA["required"] == list(RESULT_KEYS) == list(RESULT_SCHEMA["properties"])
+
+
+def test_compiled_schema_check_agrees_with_jsonschema_on_every_kind_of_break(study):
+    # result_problems checks with fastjsonschema first and asks jsonschema (the reference) only when that
+    # fails: the two must agree on each record below, or a broken result would pass unreported.
+    from sbssl.runner import _IS_VALID
+
+    root, _, _ = study
+    good = _run(root)
+    breaks = [
+        ("seed", True), ("seed", -1), ("seed", 1.5), ("n_x", 0), ("n_boot", True), ("exact", 1), ("d", "1"),
+        ("p", 0.0), ("p", 1.5), ("p_floor", 0), ("alternative", "both"), ("model", ""), ("flags", "nope"),
+        ("flags", "degenerate;"), ("code_digest", "XYZ"), ("ci_confidence", 1.0), ("statistic", None),
+        ("sbssl_version", 3), ("extra", 1),
+    ]
+    records = [good, {k: v for k, v in good.items() if k != "layer"}, [good], None]
+    records += [{**good, key: value} for key, value in breaks]
+    reference = jsonschema.Draft202012Validator(RESULT_SCHEMA)
+    for record in records:
+        try:
+            _IS_VALID(record)
+            compiled = True
+        except Exception:
+            compiled = False
+        assert compiled == reference.is_valid(record), record
+        assert (result_problems(record) == []) == (record is good), record
+    assert sum(not reference.is_valid(r) for r in records) == len(records) - 1
 
 
 def test_similarity_cache_reads_each_file_once_within_its_byte_budget(study, monkeypatch):

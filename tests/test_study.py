@@ -180,7 +180,7 @@ def test_runner_table_with_a_degenerate_and_an_overlapping_test_runs_the_whole_s
     from sbssl.catalogue import AssociationTestSpec
     from sbssl.models import ModelSpec
     from sbssl.per_test_table import tests_table
-    from sbssl.runner import TESTS_TABLE_COLUMNS, record_association_test
+    from sbssl.runner import TESTS_TABLE_COLUMNS, record_association_tests
     from sbssl.storage import write_sha256
     from sbssl.stimuli import build_manifest, distinct_images, write_manifest
     from sbssl.summary import read_tests_table
@@ -216,12 +216,11 @@ def test_runner_table_with_a_degenerate_and_an_overlapping_test_runs_the_whole_s
             write_sha256(f, hashes)
             f.attrs.update({"model": name, "layer": "avgpool", "preprocessing": "sbssl", "pooling": "flatten"})
         for spec in catalogue:
-            for seed in (0, 1):
-                out = tmp_path / "out" / f"{name}_{spec.id}_{seed}.json"
-                record_association_test(tmp_path / f"{name}.h5", tmp_path / "manifest.csv", spec, out,
-                                        tmp_path / "log" / f"{out.stem}.log", model=name, layer="avgpool",
-                                        seed=seed, permutations=50, n_boot=50)  # fmt: skip
-                paths.append(out)
+            outputs = {seed: tmp_path / "out" / f"{name}_{spec.id}_{seed}.json" for seed in (0, 1)}
+            record_association_tests(tmp_path / f"{name}.h5", tmp_path / "manifest.csv", spec, outputs,
+                                     tmp_path / "log" / f"{name}_{spec.id}.log", model=name, layer="avgpool",
+                                     permutations=50, n_boot=50)  # fmt: skip
+            paths += outputs.values()
     table = tests_table(paths, zoo, catalogue)
     assert list(table.columns) == list(TESTS_TABLE_COLUMNS)
     table.to_csv(tmp_path / "tests.csv", index=False)

@@ -105,12 +105,12 @@ def test_full_study_dag_has_the_papers_shape(tmp_path):
     work = copy_workflow(tmp_path)
     jobs = planned_jobs(snakemake(work, "-n").stdout)
     counts = pd.Series([rule for rule, _ in jobs]).value_counts()
-    assert counts["association_test"] == 15 * 6 * 39 * 3
+    assert counts["association_test"] == 15 * 6 * 39  # each job runs the 3 seeds
     assert counts["embed_layers"] == 15
     assert counts["fetch_weights"] == 12  # the three random initialisations need no download
     assert counts["fetch_stimuli"] == 1
-    assert counts["control_association_test"] == 3 * 6 * 39 * 3
-    # one job per (model, layer, test, seed), each exactly once
+    assert counts["control_association_test"] == 3 * 6 * 39
+    # one job per (model, layer, test), each exactly once
     keys = {tuple(sorted(w.items())) for rule, w in jobs if rule == "association_test"}
     assert len(keys) == counts["association_test"]
 
@@ -158,7 +158,7 @@ def test_adding_a_model_runs_only_its_jobs(small_study):
     for rule, wildcards in jobs:
         assert rule in AGGREGATES or wildcards.get("model") == "random_2", (rule, wildcards)
     tests = [w for rule, w in jobs if rule == "association_test"]
-    assert len(tests) == 2 * N_TESTS * 2  # layers x tests x seeds of the new model
+    assert len(tests) == 2 * N_TESTS  # layers x tests of the new model (a job runs both seeds)
     assert sum(rule == "embed_layers" for rule, _ in jobs) == 1
 
 
@@ -171,7 +171,7 @@ def test_adding_a_timm_model_runs_only_its_jobs(small_study):
     for rule, wildcards in jobs:
         assert rule in AGGREGATES or wildcards.get("model") == "vit_random", (rule, wildcards)
     tests = [w for rule, w in jobs if rule == "association_test"]
-    assert {w["layer"] for w in tests} == {"final"} and len(tests) == N_TESTS * 2
+    assert {w["layer"] for w in tests} == {"final"} and len(tests) == N_TESTS
     assert sum(rule == "embed_layers" for rule, _ in jobs) == 1
 
 
@@ -321,6 +321,18 @@ def test_changing_only_execution_settings_reruns_nothing(small_study):
     assert planned_jobs(out.stdout) == [], out.stdout[-2000:]
 
 
+def test_seeds_share_a_test_job_removing_one_reruns_no_test_and_adding_one_reruns_them_all(small_study):
+    # One job per (model, layer, test) runs every seed (rules/tests.smk): the seeds are its outputs, not a
+    # param, so a finished job with a seed fewer is still complete; a new seed is a missing output of
+    # every test job (the finished seeds come back with the same bytes: tests/test_runner.py).
+    work, _, _ = small_study
+    fewer = _jobs(work, write_config(work, "one_seed.yaml", {**SMALL, "seeds": [0]}))
+    assert fewer and {rule for rule, _ in fewer} <= AGGREGATES, fewer
+    more = _jobs(work, write_config(work, "three_seeds.yaml", {**SMALL, "seeds": [0, 1, 2]}))
+    assert "association_test" in {rule for rule, _ in more} and {rule for rule, _ in more} <= AGGREGATES | {"association_test"}
+    assert sum(rule == "association_test" for rule, _ in more) == 2 * 2 * N_TESTS  # models x layers x tests
+
+
 def test_adding_a_layer_reruns_no_finished_test(small_study):
     work, _, _ = small_study
     before = _outputs(work, "results/tests/**/*.json")
@@ -328,7 +340,7 @@ def test_adding_a_layer_reruns_no_finished_test(small_study):
     jobs = _jobs(work, config)
     tests = [w for rule, w in jobs if rule == "association_test"]
     assert {w["layer"] for w in tests} == {"layer3"}
-    assert len(tests) == 2 * N_TESTS * 2  # models x tests x seeds at the new layer
+    assert len(tests) == 2 * N_TESTS  # models x tests at the new layer
     # Really run it (the embeddings were deleted: keep_embeddings is false), then check the old results.
     snakemake(work, "--configfile", str(config), "--cores", "2", TARGET)
     after = _outputs(work, "results/tests/**/*.json")
