@@ -1,11 +1,11 @@
-"""Dry-run time of the full study (config/config.yaml: 15 models, control branch, probes; 12,766 jobs).
+"""Dry-run time of the full study (config/config.yaml: 15 models, control branch, probes; 4,342 jobs).
 
 Times ``snakemake -n --cores 2 --configfile config/config.yaml`` in a scratch copy of the workflow (nothing is
 downloaded in a dry run), ``--repeats`` times (default 3), in two forms, alternately:
 
 - printing included: every job's description is formatted and written to standard output, which goes to
   /dev/null (what a user waits for, minus the terminal);
-- printing excluded: the same with ``--quiet rules`` (no per-job description), since printing 12,000 job
+- printing excluded: the same with ``--quiet rules`` (no per-job description), since printing thousands of job
   descriptions is much of a dry run and is Snakemake's own work.
 
 Prints the median wall time and its spread (min-max) for each, and the CPU time (user + system) of the Snakemake
