@@ -7,7 +7,8 @@ from sbssl.figures import save_figure
 from sbssl.io import atomic_path, job_log
 
 with job_log(snakemake.log[0]):
-    table, runs = debias_table(snakemake.input), debias_runs(snakemake.input)
+    runs = debias_runs(snakemake.input)
+    table = debias_table(runs)
     for frame, path in ((table, snakemake.output.table), (runs, snakemake.output.runs)):
         with atomic_path(path) as tmp:
             frame.to_csv(tmp, index=False)

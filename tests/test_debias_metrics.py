@@ -60,7 +60,7 @@ def _write(tmp: Path, method: str, seed: int, wga: float, avg: float, group_acc:
 def test_debias_table_means_and_sample_stds_over_seeds(tmp_path: Path) -> None:
     paths = [_write(tmp_path, "erm", s, w, 0.8) for s, w in enumerate([0.1, 0.2, 0.6])]
     paths += [_write(tmp_path, "clusterfix", 0, 0.5, 0.7, {"a/x": 0.7, "a/y": None})]
-    table = debias_table(paths)
+    table = debias_table(debias_runs(paths))
     assert list(table.columns) == list(TABLE_COLUMNS)
     erm = table.set_index("method").loc["erm"]
     assert erm["n_seeds"] == 3 and erm["seeds"] == "0;1;2"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sbssl.debias import DebiasConfig, debias_table, run_debias
+from sbssl.debias import DebiasConfig, debias_runs, debias_table, run_debias
 from sbssl.debias import train as T
 from sbssl.debias.datasets import colored_digits
 
@@ -117,7 +117,7 @@ def test_finished_folder_and_other_settings(digits, tmp_path: Path) -> None:
     again = run_debias("colored-digits", "groupdro", 0, tmp_path / "k", data=digits, epochs=2,
                        discard_other_settings=True)
     assert again["history"] == fresh["history"] and again["worst_group_acc"] == fresh["worst_group_acc"]
-    assert list(debias_table([tmp_path / "metrics.json"])["method"]) == ["erm"]
+    assert list(debias_table(debias_runs([tmp_path / "metrics.json"]))["method"]) == ["erm"]
 
 
 def test_settings_are_checked(digits, tmp_path: Path) -> None:

@@ -137,13 +137,13 @@ def debias_runs(metrics_paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame
     return table.sort_values(["dataset", "method", "seed"], kind="stable").reset_index(drop=True)
 
 
-def debias_table(metrics_paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
-    """Mean and std over seeds of the test worst-group and average accuracy, one row per (dataset, method).
+def debias_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds of the test worst-group and average accuracy, one row per (dataset, method), from
+    the per-run table of :func:`debias_runs`.
 
     Columns :data:`TABLE_COLUMNS`: ``seeds`` the seeds joined by ``;``; stds are sample stds (ddof 1), NaN
     with a single seed; ``best_epoch_mean`` the mean selected epoch. Rows sorted by dataset, method.
     """
-    runs = debias_runs(metrics_paths)
     grouped = runs.groupby(["dataset", "method"], sort=True)
     table = grouped.agg(
         n_seeds=("seed", "size"),
