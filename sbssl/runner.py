@@ -1,10 +1,10 @@
 """One association test of the DAG, run from a cached similarity matrix, and the result file's contract.
 
-The permutation stage has about 3,500 jobs in the full study, each running one (model, layer, test) with every
-seed (10,530 tests), so a test must be cheap: it reads the
-(model, layer) similarity matrix and the stimuli manifest through an in-process cache (the workflow runs
-these jobs as threads of one Snakemake process) that holds every matrix of the study
-(:data:`SIMILARITY_CACHE_BYTES`), so each file is read once whatever the job order, and never imports torch.
+The permutation stage has about 3,500 jobs in the full study, each running one (model, layer, test) with
+every seed (10,530 tests), so a test must be cheap: it reads the (model, layer) similarity matrix and the
+stimuli manifest through an in-process cache (the workflow runs these jobs as threads of one Snakemake
+process) that holds every matrix of the study (:data:`SIMILARITY_CACHE_BYTES`), so each file is read once
+whatever the job order, and never imports torch.
 
 A result (one JSON file per (model, layer, test, seed), keys :data:`RESULT_KEYS`, schema
 :data:`RESULT_SCHEMA`) holds exactly what its numbers depend on: the model, layer, seed, the test's id and
