@@ -9,7 +9,8 @@ identical except that the `run:` body of rule association_test only writes a tin
 wildcards, params, inputs, outputs and log; the same profile: threads, greedy scheduler). Both run the
 association_test jobs only (``--until association_test``), one after the other, in this one run; the
 script prints both rates, their ratio (target >= 0.8) and the peak RSS of the Snakemake process (every
-test job is a thread of it; target <= 3000 MB).
+test job is a thread of it, whose tests run in a worker process; ``wait4`` reports the larger of the two;
+target <= 3000 MB).
 
 It also times ``snakemake -n`` of the full study in another scratch copy, with and without printing the jobs
 (benchmarks/bench_dryrun.py, which runs that part alone).

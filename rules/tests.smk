@@ -1,8 +1,9 @@
 # Stage 4: one job per (model, layer, test) runs its permutation test with every seed (one result file
 # per seed), then the per-test table. About 3,500 jobs in the full study (4,200 with the control): the
-# job body runs in the Snakemake process (`run:` with force-use-threads in profiles/default) and reads
-# the similarity matrix through an in-process cache, so a job costs milliseconds instead of a Python
-# start-up (benchmarks/bench_dag.py measures it). `code` is not used by the body: the digest of the test
+# job body is a thread of the Snakemake process (`run:` with force-use-threads in profiles/default) that
+# hands the tests to one long-lived worker process (sbssl.runner.record_association_tests_job),
+# which reads each similarity matrix once through its cache, so a job costs milliseconds instead of a
+# Python start-up (benchmarks/bench_dag.py measures it). `code` is not used by the body: the digest of the test
 # stage's sbssl code, so that a change of it reruns the tests.
 #
 # Snakemake's own cost is about a millisecond per job, in the dry run and in the DAG, so the seeds share a
@@ -23,6 +24,10 @@ import tempfile
 for _param in (test_definition, layer_file):
     _param.__signature__ = inspect.signature(_param)
 
+# With a core to spare, the tests run in one worker process beside Snakemake's scheduler instead of taking
+# turns with it for the interpreter lock; inside a cluster job (one Snakemake per job) and on one core, here.
+TESTS_IN_WORKER = workflow.is_main_process and (workflow.resource_settings.cores or 1) > 1
+
 
 rule association_test:
     input:
@@ -42,12 +47,11 @@ rule association_test:
     log:
         f"{R}/logs/tests/{{model}}/{{layer}}/{{test}}.log",
     run:
-        from sbssl.runner import record_association_tests, single_threaded_blas
+        from sbssl.runner import record_association_tests_job
 
-        single_threaded_blas()  # these jobs are threads of Snakemake: BLAS threads would only spin
-        record_association_tests(
+        record_association_tests_job(
             params.layer_file, input.manifest, params.test, dict(zip(SEEDS, output)), log[0],
-            model=wildcards.model, layer=wildcards.layer, **params.options,
+            in_worker=TESTS_IN_WORKER, model=wildcards.model, layer=wildcards.layer, **params.options,
         )  # fmt: skip
 
 

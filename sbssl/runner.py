@@ -2,9 +2,10 @@
 
 The permutation stage has about 3,500 jobs in the full study, each running one (model, layer, test) with
 every seed (10,530 tests), so a test must be cheap: it reads the (model, layer) similarity matrix and the
-stimuli manifest through an in-process cache (the workflow runs these jobs as threads of one Snakemake
-process) that holds every matrix of the study (:data:`SIMILARITY_CACHE_BYTES`), so each file is read once
-whatever the job order, and never imports torch.
+stimuli manifest through an in-process cache (the workflow's jobs are threads of one Snakemake process that
+hand their tests to one worker process, :func:`record_association_tests_job`) that holds every matrix
+of the study (:data:`SIMILARITY_CACHE_BYTES`), so each file is read once whatever the job order, and never
+imports torch.
 
 A result (one JSON file per (model, layer, test, seed), keys :data:`RESULT_KEYS`, schema
 :data:`RESULT_SCHEMA`) holds exactly what its numbers depend on: the model, layer, seed, the test's id and
@@ -31,6 +32,7 @@ Files are standard JSON (null, never NaN). :func:`sbssl.per_test_table.tests_tab
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import itertools
@@ -50,6 +52,7 @@ from sbssl.provenance import provenance
 from sbssl.similarity import SimilarityMatrix, read_similarity
 from sbssl.stats import ALTERNATIVES, association_test_from_similarity, effect_size_ci_from_similarity
 from sbssl.stimuli import concept_images, read_manifest
+from sbssl.worker import WorkerGone, WorkerProcess
 
 #: Catalogue keys that define a test's numbers; title and group are labels joined at table time.
 TEST_DEFINITION_KEYS: tuple[str, ...] = ("id", "x", "y", "a", "b")
@@ -374,3 +377,55 @@ def _write_log(path: str | os.PathLike[str], text: str) -> None:
     except FileNotFoundError:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(text, encoding="utf-8")
+
+
+
+_WORKER: WorkerProcess | None = None
+_WORKER_LOCK = threading.Lock()
+_WORKER_BROKEN = False
+
+
+@atexit.register
+def _stop_worker() -> None:
+    global _WORKER
+    if _WORKER is not None:
+        _WORKER.close()
+        _WORKER = None
+
+
+def _test_worker() -> WorkerProcess | None:
+    """This process's worker, started on first use; None once one has died."""
+    global _WORKER, _WORKER_BROKEN
+    with _WORKER_LOCK:
+        if _WORKER is None and not _WORKER_BROKEN:
+            _WORKER = WorkerProcess()
+            try:
+                _WORKER.call(single_threaded_blas)
+            except WorkerGone:
+                _WORKER, _WORKER_BROKEN = None, True
+        return _WORKER
+
+
+def record_association_tests_job(*args: Any, in_worker: bool, **kwargs: Any) -> list[dict[str, Any]]:
+    """The workflow's test job: :func:`record_association_tests` (same arguments, files and result), in this
+    process's worker process (:class:`sbssl.worker.WorkerProcess`) when ``in_worker``, else here.
+
+    The workflow's test jobs are threads of the Snakemake process, whose scheduler needs the interpreter lock for
+    about 12 ms of its own work per job: run in the job thread, a job's numpy calls (a few ms for three seeds)
+    and the scheduler take turns. In one worker process beside Snakemake they run on another core while the job
+    thread only waits (benchmarks/bench_dag.py); the workflow asks for it with two or more cores. One worker:
+    Snakemake's scheduler is the bottleneck, not the tests. It is started on first use (a new interpreter, which
+    imports sbssl once, about a second), holds its own similarity cache and BLAS on one thread, and ends with
+    this process. Exceptions reach the caller. Where the worker dies (the out-of-memory killer, a kill by hand),
+    this job and every later one run here: the same results.
+    """
+    global _WORKER, _WORKER_BROKEN
+    worker = _test_worker() if in_worker else None
+    if worker is not None:
+        try:
+            return worker.call(record_association_tests, *args, **kwargs)
+        except WorkerGone:
+            with _WORKER_LOCK:
+                _WORKER_BROKEN, _WORKER = True, None
+    single_threaded_blas()  # these jobs are threads of Snakemake: BLAS threads would only spin
+    return record_association_tests(*args, **kwargs)

@@ -16,6 +16,7 @@ from sbssl.runner import (
     RESULT_KEYS,
     RESULT_SCHEMA,
     record_association_tests,
+    record_association_tests_job,
     result_problems,
     run_association_test,
 )
@@ -158,6 +159,39 @@ def test_a_seeds_result_is_the_same_bytes_whichever_seeds_share_its_job(study):
     assert [line.split(": ")[0] for line in (root / "log/both.log").read_text().splitlines()] == [
         "m avgpool t seed=0", "m avgpool t seed=1",
     ]
+
+
+def test_the_worker_process_writes_the_same_bytes_and_reports_errors_by_message(study):
+    # The workflow runs its test jobs in one worker process beside Snakemake (rules/tests.smk).
+    root, _, _ = study
+    paths = (root / "sim.h5", root / "manifest.csv")
+    here = record_association_tests(*paths, TEST, {0: root / "out/here.json"}, root / "log/here.log", **RUN)
+    there = record_association_tests_job(*paths, TEST, {0: root / "out/there.json"}, root / "log/there.log", in_worker=True,
+                                         **RUN)  # fmt: skip
+    assert runner._WORKER is not None and not runner._WORKER_BROKEN  # it ran there, not here after a failure
+    assert there == here
+    assert (root / "out/there.json").read_bytes() == (root / "out/here.json").read_bytes()
+    assert (root / "log/there.log").read_text() == (root / "log/here.log").read_text()
+    missing = {**TEST, "x": "c/nothing"}
+    with pytest.raises(ValueError, match=r"'c/nothing'"):
+        record_association_tests_job(*paths, missing, {0: root / "out/bad.json"}, root / "log/bad.log", in_worker=True, **RUN)
+    assert "seed=0 failed: ValueError" in (root / "log/bad.log").read_text()
+    assert not (root / "out/bad.json").exists()
+
+
+def test_when_the_worker_dies_the_tests_run_inline_with_the_same_bytes(study, monkeypatch):
+    import signal
+
+    root, _, _ = study
+    monkeypatch.setattr(runner, "_WORKER", None)  # a worker of this test's own
+    monkeypatch.setattr(runner, "_WORKER_BROKEN", False)
+    paths = (root / "sim.h5", root / "manifest.csv")
+    record_association_tests_job(*paths, TEST, {0: root / "out/first.json"}, root / "log/first.log", in_worker=True, **RUN)
+    os.kill(runner._WORKER.call(os.getpid), signal.SIGKILL)  # as the out-of-memory killer would
+    record_association_tests_job(*paths, TEST, {0: root / "out/inline.json"}, root / "log/inline.log", in_worker=True,
+                                 **RUN)  # fmt: skip
+    assert runner._WORKER is None and runner._WORKER_BROKEN
+    assert (root / "out/inline.json").read_bytes() == (root / "out/first.json").read_bytes()
 
 
 def test_missing_concept_is_a_clear_error(study):
