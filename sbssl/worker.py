@@ -82,7 +82,8 @@ def _read_message(stream: IO[bytes]) -> bytes:
 def _reply(ok: bool, value: Any) -> bytes:
     try:
         data = pickle.dumps((ok, value), protocol=pickle.HIGHEST_PROTOCOL)
-        pickle.loads(data)  # an exception whose class cannot be rebuilt would break the parent's read
+        if not ok:
+            pickle.loads(data)  # an exception whose class cannot be rebuilt would break the parent's read
         return data
     except Exception as exc:  # noqa: BLE001 - any failure to pickle becomes a plain error
         error = value if not ok else exc
