@@ -330,9 +330,9 @@ def record_association_tests(
     its order), each result checked and written atomically as standard JSON, one log line per seed.
 
     One job covers every seed of a (model, layer, test) so that the full study's DAG has a third as many
-    jobs (Snakemake's own cost is about a millisecond per job). Runs inside the Snakemake process (as a
-    thread), so it must not redirect the process-wide stdout/stderr the way script jobs do; it writes its
-    own log file instead. Returns the rows in the order of ``outputs``.
+    jobs (Snakemake's own cost is about a millisecond per job). May run inside the Snakemake process (as a
+    thread, :func:`record_association_tests_job`), so it must not redirect the process-wide stdout/stderr the
+    way script jobs do; it writes its own log file instead. Returns the rows in the order of ``outputs``.
     """
     rows, lines = [], []
     for seed, out_path in outputs.items():
@@ -379,7 +379,6 @@ def _write_log(path: str | os.PathLike[str], text: str) -> None:
         log.write_text(text, encoding="utf-8")
 
 
-
 _WORKER: WorkerProcess | None = None
 _WORKER_LOCK = threading.Lock()
 _WORKER_BROKEN = False
@@ -398,12 +397,24 @@ def _test_worker() -> WorkerProcess | None:
     global _WORKER, _WORKER_BROKEN
     with _WORKER_LOCK:
         if _WORKER is None and not _WORKER_BROKEN:
-            _WORKER = WorkerProcess()
+            worker = WorkerProcess()
             try:
-                _WORKER.call(single_threaded_blas)
+                worker.call(single_threaded_blas)
+                _WORKER = worker
             except WorkerGone:
-                _WORKER, _WORKER_BROKEN = None, True
+                _WORKER_BROKEN = True
+                worker.close()
         return _WORKER
+
+
+def _retire_worker(worker: WorkerProcess) -> None:
+    """Stop using a worker that died (later jobs run here) and reap its process."""
+    global _WORKER, _WORKER_BROKEN
+    with _WORKER_LOCK:
+        _WORKER_BROKEN = True
+        if _WORKER is worker:
+            _WORKER = None
+    worker.close()
 
 
 def record_association_tests_job(*args: Any, in_worker: bool, **kwargs: Any) -> list[dict[str, Any]]:
@@ -419,13 +430,11 @@ def record_association_tests_job(*args: Any, in_worker: bool, **kwargs: Any) -> 
     this process. Exceptions reach the caller. Where the worker dies (the out-of-memory killer, a kill by hand),
     this job and every later one run here: the same results.
     """
-    global _WORKER, _WORKER_BROKEN
     worker = _test_worker() if in_worker else None
     if worker is not None:
         try:
             return worker.call(record_association_tests, *args, **kwargs)
         except WorkerGone:
-            with _WORKER_LOCK:
-                _WORKER_BROKEN, _WORKER = True, None
+            _retire_worker(worker)
     single_threaded_blas()  # these jobs are threads of Snakemake: BLAS threads would only spin
     return record_association_tests(*args, **kwargs)
