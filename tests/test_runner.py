@@ -187,10 +187,12 @@ def test_when_the_worker_dies_the_tests_run_inline_with_the_same_bytes(study, mo
     monkeypatch.setattr(runner, "_WORKER_BROKEN", False)
     paths = (root / "sim.h5", root / "manifest.csv")
     record_association_tests_job(*paths, TEST, {0: root / "out/first.json"}, root / "log/first.log", in_worker=True, **RUN)
-    os.kill(runner._WORKER.call(os.getpid), signal.SIGKILL)  # as the out-of-memory killer would
+    dead = runner._WORKER
+    os.kill(dead.call(os.getpid), signal.SIGKILL)  # as the out-of-memory killer would
     record_association_tests_job(*paths, TEST, {0: root / "out/inline.json"}, root / "log/inline.log", in_worker=True,
                                  **RUN)  # fmt: skip
     assert runner._WORKER is None and runner._WORKER_BROKEN
+    assert dead._process.returncode == -signal.SIGKILL  # reaped, not left a zombie
     assert (root / "out/inline.json").read_bytes() == (root / "out/first.json").read_bytes()
 
 
