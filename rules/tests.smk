@@ -3,8 +3,8 @@
 # job body is a thread of the Snakemake process (`run:` with force-use-threads in profiles/default) that
 # hands the tests to one long-lived worker process (sbssl.runner.record_association_tests_job),
 # which reads each similarity matrix once through its cache, so a job costs milliseconds instead of a
-# Python start-up (benchmarks/bench_dag.py measures it). `code` is not used by the body: the digest of the test
-# stage's sbssl code, so that a change of it reruns the tests.
+# Python start-up (benchmarks/bench_dag.py measures it). `code` is not used by the body: the digest of
+# the test stage's sbssl code, so that a change of it reruns the tests.
 #
 # Snakemake's own cost is about a millisecond per job, in the dry run and in the DAG, so the seeds share a
 # job: a job per seed tripled the DAG and the full study's dry run took 14 s (benchmarks/bench_dryrun.py).
